@@ -1,0 +1,80 @@
+"""SparK's light UNet decoder (dense)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+
+class UNetBlock(nn.Module):
+    """2x up-sampling, then ``depth`` 3x3 convs: [conv -> BN -> ReLU6] x (depth-1), conv -> BN.
+
+    (B, cin, h, w) -> (B, cout, 2h, 2w). With depth 2 the keys match the reference's block.
+    """
+
+    def __init__(self, cin: int, cout: int, depth: int) -> None:
+        super().__init__()
+        self.up_sample = nn.ConvTranspose2d(cin, cin, kernel_size=4, stride=2, padding=1, bias=True)
+        layers: list[nn.Module] = []
+        for _ in range(depth - 1):
+            layers += [
+                nn.Conv2d(cin, cin, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.ReLU6(inplace=True),
+            ]
+        layers += [nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.up_sample(x))
+
+
+class LightDecoder(nn.Module):
+    """``log2(stride)`` UNet blocks of widths w, w/2, ..., w/2**n, then a 1x1 conv to RGB.
+
+    Densified maps (smallest first) are added before blocks 0..len(maps)-1.
+
+    Args:
+        stride: total encoder stride (32 -> 5 blocks).
+        width: decoder width w (reference 768); must be divisible by ``stride``.
+        depth: 3x3 convs per block (reference 2).
+    """
+
+    def __init__(self, stride: int, width: int = 768, depth: int = 2) -> None:
+        super().__init__()
+        num_blocks = round(math.log2(stride))
+        self.width = width
+        self.depth = depth
+        self.channels = [width // 2**i for i in range(num_blocks + 1)]
+        self.dec = nn.ModuleList(
+            UNetBlock(cin, cout, depth)
+            for cin, cout in zip(self.channels[:-1], self.channels[1:], strict=True)
+        )
+        self.proj = nn.Conv2d(self.channels[-1], 3, kernel_size=1, bias=True)
+        self._initialise()
+
+    def _initialise(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, to_dec: list[torch.Tensor]) -> torch.Tensor:
+        """Densified maps (smallest first, widths w, w/2, ...) -> (B, 3, H, W) prediction."""
+        x = to_dec[0]
+        for i, block in enumerate(self.dec):
+            if 0 < i < len(to_dec):
+                x = x + to_dec[i]
+            x = block(x)
+        return self.proj(x)

@@ -1,0 +1,250 @@
+"""Benchmark the SparK training step against the reference algorithm and a dense timm step.
+
+Usage::
+
+    python -m spark_core.bench                # CPU: resnet18, 96 px, batch 16, bf16, channels_last
+    python -m spark_core.bench --device cuda  # resnet50, 224 px, batch 128, bf16, channels_last
+
+All variants run in one process, on the same data, interleaved over several rounds,
+and the script prints img/s for each plus the ratios:
+
+* ``spark``: this implementation (full step: forward, backward, LAMB);
+* ``reference``: the reference code's algorithm (:mod:`spark_core.reference_impl`), fp32
+  as the reference runs it (``--reference-precision`` to change);
+* ``dense``: a plain timm classification step of the same backbone at the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from timm.optim import Lamb
+
+from spark_core.engine import EngineConfig, PretrainEngine, param_groups
+from spark_core.model import build_spark
+from spark_core.reference_impl import build_reference_spark
+
+DEVICE_DEFAULTS = MappingProxyType(
+    {
+        "cpu": {"backbone": "resnet18", "input_size": 96, "batch_size": 16, "precision": "bf16"},
+        "cuda": {"backbone": "resnet50", "input_size": 224, "batch_size": 128, "precision": "bf16"},
+    }
+)
+
+
+@dataclass
+class Result:
+    name: str
+    images_per_sec: float
+    step_ms: float
+    spread: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_rounds(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, iters: int, rounds: int
+) -> dict[str, list[float]]:
+    """Interleave the variants round by round so drift (thermal, other load) hits all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / iters)
+    return times
+
+
+def _spark_step(args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    model = build_spark(args.backbone, args.input_size)
+    config = EngineConfig(
+        batch_size=args.batch_size,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        device=str(device),
+    )
+    engine = PretrainEngine(model, config)
+    engine._set_schedule(1000)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    return lambda: engine.train_step(images)
+
+
+def _reference_step(args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    model = build_reference_spark(args.backbone, args.input_size).to(device).train()
+    channels_last = args.reference_precision != "fp32" and args.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The reference's LAMB: per-parameter loop, clipping inside the optimizer at 5.0.
+    groups = param_groups(model)
+    for group in groups:
+        group["weight_decay"] = 0.04 * group["weight_decay_scale"]
+    optimizer = Lamb(groups, lr=1e-4, betas=(0.9, 0.95), max_grad_norm=5.0, foreach=False)
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reference_precision]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = model(images).loss
+        optimizer.zero_grad()
+        loss.backward()
+        loss.item()  # the reference reads the loss every step
+        optimizer.step()
+
+    return step
+
+
+def _dense_step(args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    import timm
+
+    model = timm.create_model(args.backbone, num_classes=1000).to(device).train()
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+StepFactory = Callable[[argparse.Namespace, torch.device], Callable[[], None]]
+VARIANTS: Mapping[str, StepFactory] = MappingProxyType(
+    {
+        "spark": _spark_step,
+        "reference": _reference_step,
+        "dense": _dense_step,
+    }
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--backbone")
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--reference-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the SparK model")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    for key, value in DEVICE_DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
+    steps = {name: VARIANTS[name](args, device) for name in names}
+    times = _time_rounds(steps, device, args.warmup, args.iters, args.rounds)
+    results = {}
+    for name, samples in times.items():
+        best = statistics.median(samples)
+        spread = (max(samples) - min(samples)) / best if best else 0.0
+        results[name] = Result(name, args.batch_size / best, best * 1000, spread)
+    return {
+        "settings": {
+            "device": _device_name(device),
+            "backbone": args.backbone,
+            "input_size": args.input_size,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "reference_precision": args.reference_precision,
+            "channels_last": args.channels_last,
+            "compile": args.compile,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "results": {k: vars(v) for k, v in results.items()},
+        "ratios": _ratios(results),
+    }
+
+
+def _ratios(results: dict[str, Result]) -> dict[str, float]:
+    ratios = {}
+    if "spark" in results:
+        for other in ("reference", "dense"):
+            if other in results:
+                ratios[f"spark/{other}"] = (
+                    results["spark"].images_per_sec / results[other].images_per_sec
+                )
+    return ratios
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    report = run(parse_args(argv))
+    if "--json" in (argv if argv is not None else sys.argv[1:]):
+        print(json.dumps(report, indent=2))
+        return 0
+    s = report["settings"]
+    print(
+        f"{s['device']} | {s['backbone']} {s['input_size']}px batch {s['batch_size']} | "
+        f"spark {s['precision']}{' + channels_last' if s['channels_last'] else ''}"
+        f"{' + compile' if s['compile'] else ''} | reference {s['reference_precision']} | "
+        f"torch {s['torch']}"
+    )
+    for r in report["results"].values():
+        print(
+            f"  {r['name']:<10} {r['images_per_sec']:9.1f} img/s  {r['step_ms']:8.1f} ms/step  "
+            f"(spread {100 * r['spread']:.0f}%)"
+        )
+    for name, ratio in report["ratios"].items():
+        print(f"  {name:<16} {ratio:6.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Training engine: recipe, exact resume, precisions, metrics, and a sync-free step."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from spark_core import build_spark
+from spark_core.data import (
+    ImageFolderDataset,
+    build_pretrain_transform,
+    generate_synthetic_dataset,
+)
+from spark_core.engine import (
+    EngineConfig,
+    NonFiniteLossError,
+    PretrainEngine,
+    ProgressBar,
+    lr_wd_at,
+    param_groups,
+    peak_lr,
+)
+from spark_core.reference_impl import build_reference_spark
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> ImageFolderDataset:
+    root = generate_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic"), num_images=32, image_size=SIZE, num_classes=2
+    )
+    return ImageFolderDataset(root, build_pretrain_transform(SIZE))
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.steps: list = []
+        self.epochs: list = []
+
+    def on_step(self, metrics) -> None:
+        self.steps.append(metrics)
+
+    def on_epoch_end(self, engine, metrics) -> None:
+        self.epochs.append(metrics)
+
+
+def make_engine(callbacks=(), **overrides) -> PretrainEngine:
+    torch.manual_seed(0)
+    model = build_spark("resnet18", SIZE, decoder_width=64)
+    config = EngineConfig(
+        **{"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "log_every": 3, **overrides}
+    )
+    return PretrainEngine(model, config, callbacks=callbacks)
+
+
+def test_schedule_follows_the_reference() -> None:
+    peak = peak_lr(2e-4, 4096)
+    assert peak == pytest.approx(3.2e-3)
+    kwargs = {"total_steps": 100, "warmup_steps": 10, "peak": peak}
+    wd_kwargs = {"weight_decay": 0.04, "weight_decay_end": 0.2}
+    assert lr_wd_at(0, **kwargs, **wd_kwargs) == pytest.approx((0.005 * peak, 0.04))
+    assert lr_wd_at(10, **kwargs, **wd_kwargs)[0] == pytest.approx(peak)
+    assert lr_wd_at(99, **kwargs, **wd_kwargs) == pytest.approx((0.001 * peak, 0.2))
+    lrs = [lr_wd_at(s, **kwargs, **wd_kwargs)[0] for s in range(100)]
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:11]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_param_groups_exclude_norms_biases_and_mask_tokens() -> None:
+    model = build_spark("convnext_atto", SIZE, decoder_width=64)
+    decay, no_decay = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert any("mask_tokens" in n for n in no_decay_names)
+    assert any(n.endswith(".gamma") for n in no_decay_names)
+    assert all(not n.endswith(".bias") for n in decay_names)
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert decay["weight_decay_scale"] == 1.0 and no_decay["weight_decay_scale"] == 0.0
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(
+    dataset: ImageFolderDataset, tmp_path: Path
+) -> None:
+    straight = Recorder()
+    make_engine([straight], epochs=3).fit(dataset)
+
+    first = Recorder()
+    engine = make_engine([first], epochs=3, checkpoint_dir=str(tmp_path))
+    engine.train_one_epoch(engine.build_loader(dataset))  # then the process "dies"
+    engine.save(tmp_path / "last.pt")
+    second = Recorder()
+    resumed = make_engine([second], epochs=3, checkpoint_dir=str(tmp_path))
+    assert resumed.resume(tmp_path / "last.pt")
+    assert resumed.epoch == 1 and resumed.global_step == 4
+    resumed.fit(dataset)
+
+    losses = [m.loss for m in straight.steps]
+    assert len(losses) == 12
+    assert [m.loss for m in first.steps + second.steps] == losses
+    assert [m.step for m in second.steps] == list(range(4, 12))
+
+
+def test_step_metrics_reach_callbacks(dataset: ImageFolderDataset) -> None:
+    recorder = Recorder()
+    stream = io.StringIO()
+    progress = ProgressBar(total_epochs=2, steps_per_epoch=4, images_per_step=8, stream=stream)
+    make_engine([recorder, progress]).fit(dataset)
+    assert [m.step for m in recorder.steps] == list(range(8))
+    first = recorder.steps[0]
+    assert first.lr > 0 and first.grad_norm > 0 and first.images_per_sec > 0
+    assert math.isfinite(first.loss)
+    assert [e.epoch for e in recorder.epochs] == [0, 1]
+    lines = stream.getvalue().strip().splitlines()
+    assert len(lines) == 8 and "img/s" in lines[-1] and "ETA" in lines[-1]
+    assert "step 8/8" in lines[-1]
+
+
+@pytest.mark.parametrize(("precision", "channels_last"), [("bf16", True), ("fp16", False)])
+def test_mixed_precision_and_channels_last(
+    dataset: ImageFolderDataset, precision: str, channels_last: bool
+) -> None:
+    engine = make_engine(precision=precision, channels_last=channels_last, epochs=1)
+    history = engine.fit(dataset)
+    assert math.isfinite(history[0].loss)
+    if precision == "fp16":
+        assert engine.scaler is not None
+
+
+def test_non_finite_loss_is_reported(dataset: ImageFolderDataset) -> None:
+    engine = make_engine()
+    images = torch.full((8, 3, SIZE, SIZE), float("nan"))
+    loss, _ = engine.train_step(images)
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        from spark_core.engine import _PendingStep, _Window
+
+        window = _Window()
+        window.pending.append(_PendingStep(0, 0, 0.1, 0.1, loss, loss, 1.0))
+        engine._flush(window)
+
+
+def test_dataset_smaller_than_a_batch_is_a_clear_error(dataset: ImageFolderDataset) -> None:
+    engine = make_engine(batch_size=64)
+    with pytest.raises(ValueError, match="batch_size=64"):
+        engine.fit(dataset)
+
+
+def test_bad_engine_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        EngineConfig(precision="fp8")
+    with pytest.raises(ValueError, match="optimizer"):
+        EngineConfig(optimizer="sgd9")
+    with pytest.raises(ValueError, match="batch_size"):
+        EngineConfig(batch_size=0)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op the step dispatches.
+
+    Reads of ``ignored`` tensors are not recorded: timm's LAMB keeps its step counter
+    as a CPU scalar on purpose, and reading it never waits for the device.
+    """
+
+    def __init__(self, ignored: tuple[torch.Tensor, ...] = ()) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.ignored = {t.data_ptr() for t in ignored}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        counter_read = name == "aten._local_scalar_dense" and args[0].data_ptr() in self.ignored
+        if not counter_read:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+HOST_SYNC_OPS = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.item"}
+
+
+def test_training_step_calls_no_nonzero_and_reads_nothing_back() -> None:
+    engine = make_engine()
+    images = torch.randn(8, 3, SIZE, SIZE)
+    engine.train_step(images)  # warm-up: optimizer state creation
+    step_counters = tuple(g["step"] for g in engine.optimizer.param_groups)
+    assert all(c.device.type == "cpu" for c in step_counters)
+    with OpRecorder(ignored=step_counters) as recorder:
+        engine.train_step(images)
+    assert len(recorder.ops) > 100
+    assert not HOST_SYNC_OPS & set(recorder.ops)
+
+
+def test_op_recorder_catches_the_reference_implementation() -> None:
+    model = build_reference_spark("resnet18", SIZE, decoder_width=64).train()
+    with OpRecorder() as recorder:
+        model(torch.randn(2, 3, SIZE, SIZE)).loss.backward()
+    assert "aten.nonzero" in recorder.ops
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_has_no_host_sync() -> None:
+    engine = make_engine(device="cuda", precision="bf16", channels_last=True)
+    images = torch.randn(8, 3, SIZE, SIZE, device="cuda")
+    engine.train_step(images)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        engine.train_step(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

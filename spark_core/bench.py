@@ -20,7 +20,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -82,6 +81,7 @@ def _spark_step(args: argparse.Namespace, device: torch.device) -> Callable[[], 
         precision=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
+        compile_optimizer=args.compile_optimizer,
         device=str(device),
     )
     engine = PretrainEngine(model, config)
@@ -158,12 +158,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--compile", action="store_true", help="torch.compile the SparK model")
+    parser.add_argument(
+        "--compile-optimizer",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fuse LAMB's update with torch.compile (default: on for CPU, off for CUDA)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the spark step's top ops (torch.profiler)"
+    )
     args = parser.parse_args(argv)
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
@@ -199,6 +208,7 @@ def run(args: argparse.Namespace) -> dict:
             "reference_precision": args.reference_precision,
             "channels_last": args.channels_last,
             "compile": args.compile,
+            "compile_optimizer": args.compile_optimizer,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
@@ -224,16 +234,44 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def profile(args: argparse.Namespace, rows: int = 30) -> str:
+    """Top ops of the spark step by self time on the device (CPU time on the CPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device(args.device)
+    step = _spark_step(args, device)
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    activities = [ProfilerActivity.CPU]
+    sort_by = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        sort_by = "self_device_time_total"
+    with torch_profile(activities=activities) as prof:
+        for _ in range(args.iters):
+            step()
+        _sync(device)
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
 def main(argv: list[str] | None = None) -> int:
-    report = run(parse_args(argv))
-    if "--json" in (argv if argv is not None else sys.argv[1:]):
+    args = parse_args(argv)
+    if args.profile:
+        print(profile(args))
+        return 0
+    report = run(args)
+    if args.json:
         print(json.dumps(report, indent=2))
         return 0
     s = report["settings"]
     print(
         f"{s['device']} | {s['backbone']} {s['input_size']}px batch {s['batch_size']} | "
         f"spark {s['precision']}{' + channels_last' if s['channels_last'] else ''}"
-        f"{' + compile' if s['compile'] else ''} | reference {s['reference_precision']} | "
+        f"{' + compile' if s['compile'] else ''}"
+        f"{' + compiled LAMB' if s['compile_optimizer'] else ''} | "
+        f"reference {s['reference_precision']} | "
         f"torch {s['torch']}"
     )
     for r in report["results"].values():

@@ -29,13 +29,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from timm.optim import Lamb
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spark_core.backbones import resolve_family
 from spark_core.checkpoint import load_checkpoint, save_checkpoint
 from spark_core.model import SparK
+from spark_core.optim import Lamb
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +96,22 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def _lamb(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    # Clipping happens outside (clip_grad_norm_), so the norm can be reported.
-    return Lamb(groups, lr=lr, betas=betas, weight_decay=0.0, max_grad_norm=None, foreach=True)
+def _lamb(
+    groups: list[dict], lr: float, betas: tuple[float, float], compile: bool
+) -> torch.optim.Optimizer:
+    # timm adapts (trust ratio) the groups that have weight decay: the decay group here.
+    for group in groups:
+        group["adapt"] = group["weight_decay_scale"] > 0
+    return Lamb(groups, lr=lr, betas=betas, weight_decay=0.0, compile=compile)
 
 
-def _adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+def _adamw(
+    groups: list[dict], lr: float, betas: tuple[float, float], compile: bool
+) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=0.0, foreach=True)
 
 
-OptimizerFactory = Callable[[list[dict], float, tuple[float, float]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[list[dict], float, tuple[float, float], bool], torch.optim.Optimizer]
 OPTIMIZERS: Mapping[str, OptimizerFactory] = MappingProxyType(
     {
         "lamb": _lamb,
@@ -115,17 +121,22 @@ OPTIMIZERS: Mapping[str, OptimizerFactory] = MappingProxyType(
 
 
 def build_optimizer(
-    model: SparK, name: str = "lamb", *, betas: tuple[float, float] | None = None
+    model: SparK,
+    name: str = "lamb",
+    *,
+    betas: tuple[float, float] | None = None,
+    compile: bool = False,
 ) -> torch.optim.Optimizer:
     """Optimizer over the reference parameter groups; lr and wd are set per iteration.
 
     ``betas`` default to the reference's: (0.9, 0.95) for ResNets, (0.9, 0.999) for ConvNeXt.
+    ``compile`` fuses LAMB's update with torch.compile (see :mod:`spark_core.optim`).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer={name!r}: allowed values are {', '.join(OPTIMIZERS)}")
     if betas is None:
         betas = resolve_family(model.config.backbone).lamb_betas
-    return OPTIMIZERS[name](param_groups(model), 0.0, betas)
+    return OPTIMIZERS[name](param_groups(model), 0.0, betas, compile)
 
 
 @dataclass(frozen=True)
@@ -149,6 +160,7 @@ class EngineConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    compile_optimizer: bool = False
     seed: int = 0
     log_every: int = 10
     num_workers: int = 0
@@ -274,7 +286,9 @@ class PretrainEngine:
         self.forward_module = forward_module or self.model
         if config.compile:
             self.forward_module = torch.compile(self.forward_module)
-        self.optimizer = build_optimizer(self.model, config.optimizer, betas=config.betas)
+        self.optimizer = build_optimizer(
+            self.model, config.optimizer, betas=config.betas, compile=config.compile_optimizer
+        )
         self.autocast_dtype = PRECISIONS[config.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.callbacks = list(callbacks)
@@ -498,20 +512,34 @@ class PretrainEngine:
 class ProgressBar:
     """A one-line progress display on stderr: epoch, step, loss, img/s, ETA.
 
-    Redraws in place on a terminal; prints one line per update otherwise (logs, CI).
+    Redraws in place on a terminal. Elsewhere (logs, CI) it writes a line at most every
+    ``min_interval`` seconds, plus the last step of every epoch.
     """
 
     def __init__(
-        self, total_epochs: int, steps_per_epoch: int, images_per_step: int, stream=None
+        self,
+        total_epochs: int,
+        steps_per_epoch: int,
+        images_per_step: int,
+        stream=None,
+        min_interval: float = 10.0,
     ) -> None:
         self.total_steps = max(total_epochs * steps_per_epoch, 1)
+        self.steps_per_epoch = max(steps_per_epoch, 1)
         self.total_epochs = total_epochs
         self.images_per_step = max(images_per_step, 1)
         self.stream = stream or sys.stderr
         self.interactive = getattr(self.stream, "isatty", lambda: False)()
+        self.min_interval = 0.0 if self.interactive else min_interval
+        self._last_write = float("-inf")
 
     def on_step(self, m: StepMetrics) -> None:
         remaining = max(self.total_steps - (m.step + 1), 0)
+        epoch_end = (m.step + 1) % self.steps_per_epoch == 0
+        now = time.monotonic()
+        if not epoch_end and now - self._last_write < self.min_interval:
+            return
+        self._last_write = now
         steps_per_sec = m.images_per_sec / self.images_per_step
         eta = remaining / steps_per_sec if steps_per_sec > 0 else float("nan")
         line = (

@@ -163,7 +163,10 @@ class SparK(nn.Module):
 
     def _make_densify_norm(self, kind: str, channels: int) -> nn.Module:
         if kind == "bn":
-            return SparseBatchNorm2d(channels, mask_context=self.mask_context)
+            # Sparse encoder features are 0 at masked positions; dense-masking ones are not.
+            return SparseBatchNorm2d(
+                channels, mask_context=self.mask_context, input_is_masked=self.config.sparse
+            )
         if kind == "ln":
             return SparseLayerNorm2d(channels, self.mask_context)
         return nn.Identity()
@@ -193,9 +196,10 @@ class SparK(nn.Module):
             raise ValueError(
                 f"images: height and width must be multiples of {self.stride}, got {h}x{w}"
             )
+        grid = (h // self.stride, w // self.stride)
         if active is None:
-            return self.generate_mask(images.shape[0], device=images.device)
-        expected = (images.shape[0], 1, h // self.stride, w // self.stride)
+            return random_mask(images.shape[0], grid, self.config.mask_ratio, device=images.device)
+        expected = (images.shape[0], 1, *grid)
         if active.dtype != torch.bool or tuple(active.shape) != expected:
             raise ValueError(
                 f"active: expected a bool tensor of shape {expected} (True = visible), "

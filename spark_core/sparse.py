@@ -42,6 +42,8 @@ from timm.layers import (
 )
 from timm.layers import activations as timm_activations
 from timm.layers.drop import DropPath
+from timm.layers.evo_norm import EvoNorm2dS0
+from timm.layers.filter_response_norm import FilterResponseNormTlu2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import byobnet, convnext, resnet, resnetv2
 from torch import nn
@@ -128,6 +130,54 @@ def _masked_channel_moments(
     return shift + mean_centred, var, count
 
 
+class _VisibleBatchNormCUDA(torch.autograd.Function):
+    """Batch norm over visible positions with PyTorch's SyncBatchNorm CUDA kernels.
+
+    The kernels take statistics over every position, so the input must be exactly 0 at
+    masked positions (true for every BN input inside the sparse encoder); the visible
+    statistics follow by rescaling with ``positions / visible``. The backward kernel takes
+    the element count as a device tensor, so no value is read back to the host.
+    Channels-last and bf16/fp16 inputs stay in their layout and dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, count, weight, bias, eps):
+        mean_all, invstd_all = torch.batch_norm_stats(x, eps)
+        positions = x.numel() // x.shape[1]
+        ratio = positions / count.clamp_min(1.0)
+        var_all = invstd_all.square().reciprocal() - eps
+        mean = mean_all * ratio
+        var = ((var_all + mean_all.square()) * ratio - mean.square()).clamp_min(0.0)
+        invstd = torch.rsqrt(var + eps)
+        out = torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+        out = out.masked_fill_(~mask, 0)
+        ctx.save_for_backward(x, mask, weight, mean, invstd, count)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, mask, weight, mean, invstd, count = ctx.saved_tensors
+        grad_out = grad_out.masked_fill(~mask, 0).contiguous(memory_format=_memory_format(x))
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]
+        sum_dy, sum_dy_xmu, grad_weight, grad_bias = torch.batch_norm_backward_reduce(
+            grad_out, x, mean, invstd, weight, needs_x, needs_w, needs_b
+        )
+        grad_x = None
+        if needs_x:
+            counts = count.round().to(torch.int32).reshape(1)
+            grad_x = torch.batch_norm_backward_elemt(
+                grad_out, x, mean, invstd, weight, sum_dy, sum_dy_xmu, counts
+            )
+        return grad_x, None, None, grad_weight, grad_bias, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class SparseBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose statistics (batch and running) come from visible positions only.
 
@@ -135,14 +185,26 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
     initialised process group the statistics are summed over all workers (the DDP
     equivalent of the reference's SyncBatchNorm). A batch without any visible
     position leaves the running statistics unchanged.
+
+    ``input_is_masked=True`` promises that the input is already 0 at masked positions
+    (every BN inside the sparse encoder), which lets eager CUDA training use the native
+    batch-norm kernels instead of masked reductions.
     """
 
     mask_context: MaskContext
 
-    def __init__(self, *args, mask_context: MaskContext, sync_stats: bool = False, **kwargs):
+    def __init__(
+        self,
+        *args,
+        mask_context: MaskContext,
+        sync_stats: bool = False,
+        input_is_masked: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.mask_context = mask_context
         self.sync_stats = sync_stats
+        self.input_is_masked = input_is_masked
 
     @classmethod
     def from_dense(cls, bn: nn.BatchNorm2d, mask_context: MaskContext) -> SparseBatchNorm2d:
@@ -154,6 +216,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
             affine=bn.affine,
             track_running_stats=bn.track_running_stats,
             mask_context=mask_context,
+            input_is_masked=True,
             device="meta",
         )
         _share_state(bn, sparse)
@@ -167,9 +230,26 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
             and (dist.get_world_size() > 1)
         )
 
+    def _use_native_kernels(self, x: torch.Tensor) -> bool:
+        return (
+            x.is_cuda
+            and self.input_is_masked
+            and self.affine
+            and not self._sync_active()
+            and not torch.compiler.is_compiling()  # compiled graphs fuse the generic path
+        )
+
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         mask = self.mask_context.mask_like(x)
         use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats and self._use_native_kernels(x):
+            count = mask.sum(dtype=torch.float32)
+            out, mean, var = _VisibleBatchNormCUDA.apply(
+                x, mask, count, self.weight, self.bias, self.eps
+            )
+            if self.training and self.track_running_stats and self.running_mean is not None:
+                self._update_running_stats(mean, var, count)
+            return out
         if use_batch_stats:
             shift = (
                 self.running_mean.detach().float()
@@ -195,12 +275,11 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
         self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor
     ) -> None:
         self.num_batches_tracked.add_(1)
+        has_stats = (count > 0).float()  # a batch with nothing visible carries no statistics
         if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.float()
+            factor = has_stats / self.num_batches_tracked.float()
         else:
-            factor = torch.tensor(self.momentum, device=mean.device)
-        # A batch with no visible position carries no statistics: keep the old ones.
-        factor = torch.where(count > 0, factor, 0.0)
+            factor = has_stats * self.momentum  # stays on the device: no host transfer
         unbiased = var * count / (count - 1.0).clamp_min(1.0)
         self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), factor)
@@ -265,6 +344,53 @@ class SparseGroupNorm(nn.GroupNorm):
         if hasattr(self, "act"):
             out = self.act(self.drop(out))
         return out
+
+
+class SparseFilterResponseNorm(nn.Module):
+    """timm's FilterResponseNormTlu2d with the mean of x**2 over visible positions only."""
+
+    def __init__(self, frn: FilterResponseNormTlu2d, mask_context: MaskContext) -> None:
+        super().__init__()
+        self.mask_context = mask_context
+        self.eps = frn.eps
+        self.weight, self.bias, self.tau = frn.weight, frn.bias, frn.tau
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = self.mask_context.mask_like(x)
+        count = mask.sum((2, 3), keepdim=True, dtype=torch.float32).clamp_min(1.0)
+        squares = torch.where(mask, x.float().square(), 0.0).sum((2, 3), keepdim=True)
+        out = x.float() * torch.rsqrt(squares / count + self.eps)
+        out = out * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
+        if self.tau is not None:
+            out = torch.maximum(out, self.tau.float().view(1, -1, 1, 1))
+        return torch.where(mask, out, 0.0).to(x.dtype)
+
+
+class SparseEvoNormS0(nn.Module):
+    """timm's EvoNorm2dS0 with its group standard deviation over visible positions only."""
+
+    def __init__(self, evo: EvoNorm2dS0, mask_context: MaskContext) -> None:
+        super().__init__()
+        self.mask_context = mask_context
+        self.groups, self.eps = evo.groups, evo.eps
+        self.weight, self.bias, self.v = evo.weight, evo.bias, evo.v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        mask = self.mask_context.mask_like(x)
+        out = x.float()
+        if self.v is not None:
+            grouped = out.reshape(b, self.groups, c // self.groups, h, w)
+            grouped_mask = mask.reshape(b, 1, 1, h, w)
+            count = grouped_mask.sum((2, 3, 4), keepdim=True, dtype=torch.float32)
+            count = (count * (c // self.groups)).clamp_min(1.0)
+            mean = torch.where(grouped_mask, grouped, 0.0).sum((2, 3, 4), keepdim=True) / count
+            centred = torch.where(grouped_mask, grouped - mean, 0.0)
+            var = centred.square().sum((2, 3, 4), keepdim=True) / count
+            std = (var + self.eps).sqrt().expand_as(grouped).reshape(b, c, h, w)
+            out = out * (out * self.v.float().view(1, -1, 1, 1)).sigmoid() / std
+        out = out * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
+        return torch.where(mask, out, 0.0).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- attention
@@ -346,6 +472,16 @@ def _swap_group_norm(module: nn.Module, context: MaskContext) -> nn.Module:
     return SparseGroupNorm.from_dense(module, context)
 
 
+def _swap_filter_response_norm(module: nn.Module, context: MaskContext) -> nn.Module:
+    return SparseFilterResponseNorm(module, context)
+
+
+def _swap_evo_norm(module: nn.Module, context: MaskContext) -> nn.Module:
+    if type(module) is not EvoNorm2dS0:  # its subclasses compute something else
+        raise UnsupportedLayerError(f"{type(module).__name__} has no sparse rule")
+    return SparseEvoNormS0(module, context)
+
+
 def _check_zero_padding(module: nn.Module, context: MaskContext) -> nn.Module:
     if module.value != 0:
         raise UnsupportedLayerError(
@@ -379,6 +515,8 @@ SPARSE_RULES: tuple[SparseRule, ...] = (
         (nn.BatchNorm2d, nn.SyncBatchNorm), _swap_batch_norm, False, "BatchNorm: masked stats"
     ),
     SparseRule((nn.GroupNorm,), _swap_group_norm, False, "GroupNorm: masked stats"),
+    SparseRule((FilterResponseNormTlu2d,), _swap_filter_response_norm, True, "FRN: masked stats"),
+    SparseRule((EvoNorm2dS0,), _swap_evo_norm, True, "EvoNorm-S0: masked group stats"),
     SparseRule(
         (LayerNorm2d, RmsNorm2d, SimpleNorm2d),
         _hook_output(channels_last=False),

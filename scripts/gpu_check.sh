@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One prepared run on a lent CUDA machine: checks the CUDA path and benchmarks it.
+#   scripts/gpu_check.sh            (writes logs and JSON under $OUT, or ./gpu-out)
+#   QUICK=1 scripts/gpu_check.sh    (only the cuda-marked tests, the benchmarks, no profile)
+# Expects timm's wheel in .whl/ when the machine's timm differs from the pinned one.
+set -uo pipefail
+OUT="${OUT:-./gpu-out}"; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+{
+    nvidia-smi -L
+    python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== CUDA tests"
+if [ -n "${QUICK:-}" ]; then selection=(-m cuda tests/test_reference.py tests/test_engine.py); else
+    selection=(tests/test_reference.py tests/test_engine.py tests/test_model.py tests/test_optim.py); fi
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider "${selection[@]}" 2>&1 | tail -15 \
+    | tee "$OUT/tests.txt"
+
+bench() {  # name, args...
+    local name=$1; shift
+    echo "== bench $name: $*"
+    timeout "${BENCH_TIMEOUT:-200}" python3 -m spark_core.bench --device cuda "$@" --json \
+        > "$OUT/bench-$name.json" 2> "$OUT/bench-$name.err"
+    python3 - "$OUT/bench-$name.json" <<'PY'
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("  failed:", e); sys.exit()
+for v in r["results"].values():
+    print(f"  {v['name']:<10} {v['images_per_sec']:8.1f} img/s  {v['step_ms']:7.1f} ms  spread {100*v['spread']:.0f}%")
+for k, v in r["ratios"].items():
+    print(f"  {k:<16} {v:.2f}x")
+PY
+    tail -3 "$OUT/bench-$name.err"
+}
+bench eager --variants spark,reference,dense
+bench compiled --variants spark --compile --warmup 3
+[ -n "${QUICK:-}" ] && exit 0
+echo "== profile (compiled)"
+timeout 200 python3 -m spark_core.bench --device cuda --profile --compile --iters 3 \
+    > "$OUT/profile.txt" 2>&1
+grep -v "^ *$" "$OUT/profile.txt" | cut -c1-60,100-200 | head -40

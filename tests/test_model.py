@@ -332,8 +332,16 @@ def test_bad_mask_is_rejected() -> None:
 
 
 def test_unsupported_layer_is_named() -> None:
-    with pytest.raises(ValueError, match="EvoNorm2dS0"):
-        build_spark("resnetv2_50d_evos", TEST_SIZE)
+    from timm.layers.evo_norm import EvoNorm2dS0a
+
+    from spark_core.masking import MaskContext
+    from spark_core.sparse import UnsupportedLayerError, sparsify_
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8))
+    with pytest.raises(UnsupportedLayerError, match=r"layer '1' of type .*InstanceNorm2d"):
+        sparsify_(net, MaskContext())
+    with pytest.raises(UnsupportedLayerError, match="EvoNorm2dS0a"):
+        sparsify_(nn.Sequential(EvoNorm2dS0a(8)), MaskContext())
 
 
 def test_batch_norm_uses_fp32_statistics_under_bf16_autocast() -> None:

@@ -32,6 +32,7 @@ from timm.optim import Lamb
 from spark_core.engine import EngineConfig, PretrainEngine, param_groups
 from spark_core.model import build_spark
 from spark_core.reference_impl import build_reference_spark
+from spark_core.runtime import keep_freed_memory_in_process
 
 DEVICE_DEFAULTS = MappingProxyType(
     {
@@ -169,6 +170,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    parser.add_argument(
+        "--no-malloc-tuning",
+        dest="malloc_tuning",
+        action="store_false",
+        help="keep glibc's default of unmapping large freed blocks (see spark_core.runtime)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--profile", action="store_true", help="print the spark step's top ops (torch.profiler)"
@@ -209,6 +216,7 @@ def run(args: argparse.Namespace) -> dict:
             "channels_last": args.channels_last,
             "compile": args.compile,
             "compile_optimizer": args.compile_optimizer,
+            "malloc_tuning": args.malloc_tuning,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
@@ -258,6 +266,8 @@ def profile(args: argparse.Namespace, rows: int = 30) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.malloc_tuning:
+        keep_freed_memory_in_process()
     if args.profile:
         print(profile(args))
         return 0

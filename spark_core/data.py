@@ -7,7 +7,9 @@ Everything here depends only on torch, torchvision, numpy, PIL and the standard 
 * :class:`ImageFolderDataset` -- a recursive image folder, labelled (class sub-folders) or flat,
   that survives corrupt files instead of crashing mid-epoch.
 * :func:`generate_synthetic_dataset` -- a deterministic, procedurally generated labelled
-  ImageFolder whose classes are learnable from shape and texture but not from mean colour.
+  ImageFolder whose classes are learnable from image content but not from mean colour
+  (``style="shapes"``: shape and texture of a blob; ``style="textures"``: orientation of a
+  whole-image periodic pattern).
 * :func:`split_train_val` -- a stratified, seeded train/validation split.
 * :func:`build_loader` -- a ``DataLoader`` whose sample order is reproducible for a seed.
 """
@@ -359,6 +361,8 @@ _SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "ring", "cross", "ch
 #: Grating frequencies, in cycles per image width; 0 means an untextured (flat) fill.
 _TEXTURE_FREQUENCIES: tuple[float, ...] = (0.0, 3.0, 6.5, 11.0)
 _MAX_SYNTHETIC_CLASSES = len(_SHAPES) * len(_TEXTURE_FREQUENCIES)
+#: Values of ``generate_synthetic_dataset(style=...)``.
+SYNTHETIC_STYLES: tuple[str, ...] = ("shapes", "textures")
 _FORMATS: Mapping[str, tuple[str, dict[str, Any]]] = MappingProxyType(
     {
         "png": ("PNG", {"compress_level": 1}),
@@ -453,12 +457,95 @@ def _render_synthetic_image(
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
+def synthetic_texture_orientation(class_index: int, num_classes: int) -> float:
+    """Orientation (radians, in ``[0, pi)``) of the pattern of ``style="textures"`` class
+    ``class_index``: the classes split the half-turn evenly, ``pi * class_index / num_classes``.
+    """
+    if not 0 <= class_index < num_classes:
+        raise ValueError(f"class_index must be in [0, {num_classes}), got {class_index}")
+    return np.pi * class_index / num_classes
+
+
+#: ``style="textures"``: pattern frequency range, in cycles per image width.
+_TEXTURE_PATTERN_FREQUENCY: tuple[float, float] = (1.0, 2.0)
+#: Orientation jitter, as a fraction of the angle between neighbouring classes (either way).
+_TEXTURE_JITTER = 0.25
+
+
+def _chroma(rng: np.random.Generator) -> np.ndarray:
+    """A random unit RGB direction orthogonal to grey ``(1, 1, 1)``: a pure change of hue."""
+    v = rng.normal(size=3)
+    v -= v.mean()
+    return v / (np.linalg.norm(v) + 1e-12)
+
+
+def _tinted_axis(rng: np.random.Generator, max_chroma: float) -> np.ndarray:
+    """A colour direction scaled so that its channel mean is 1: grey plus a random hue."""
+    axis = np.ones(3) + rng.uniform(0.0, max_chroma) * np.sqrt(3.0) * _chroma(rng)
+    return axis / np.linalg.norm(axis) * np.sqrt(3.0)
+
+
+def _render_texture_image(
+    rng: np.random.Generator, class_index: int, num_classes: int, xx: np.ndarray, yy: np.ndarray
+) -> np.ndarray:
+    """Draw one ``style="textures"`` image of class ``class_index`` as ``uint8 (H, W, 3)``.
+
+    The whole image is a periodic pattern (a sine wave sharpened towards a square wave) whose
+    orientation is fixed by the class (:func:`synthetic_texture_orientation`, jittered by a
+    quarter of the class spacing). Everything else is random per image: frequency (1-2 cycles
+    per image width), phase, waveform sharpness, brightness, contrast, a colour tint and the
+    hue of the pattern, a fine distractor grating at a random orientation and frequency, and
+    pixel noise. The distributions do not depend on the class, so neither does the expected
+    mean colour. Masked reconstruction must model the pattern to fill in hidden patches.
+
+    Colour variation is deliberately moderate. SparK's target normalises each patch with one
+    mean and standard deviation over all three channels, so it keeps the offsets between the
+    channels, i.e. the patch's colour, which the whole image shares: with strongly coloured
+    images reconstruction first lowers the loss by copying colour into the hidden patches, and
+    a short pre-training then learns little about the pattern.
+    """
+    spacing = np.pi / num_classes
+    theta = synthetic_texture_orientation(class_index, num_classes)
+    theta += rng.uniform(-_TEXTURE_JITTER, _TEXTURE_JITTER) * spacing
+    frequency = rng.uniform(*_TEXTURE_PATTERN_FREQUENCY)
+    phase = rng.uniform(0.0, 2.0 * np.pi)
+    sharpness = rng.uniform(0.5, 3.0)
+    brightness = rng.uniform(0.25, 0.75)
+    contrast = rng.uniform(0.12, 0.3)
+    tint = rng.uniform(0.0, 0.1) * _chroma(rng)
+    axis = _tinted_axis(rng, 0.3)
+    fine_theta, fine_phase = rng.uniform(0.0, 2.0 * np.pi, size=2)
+    fine_frequency = rng.uniform(6.0, 12.0)
+    fine_contrast = rng.uniform(0.0, 0.12)
+    fine_axis = _tinted_axis(rng, 0.3)
+    noise_sigma = rng.uniform(0.02, 0.1)
+
+    along = xx * np.cos(theta) + yy * np.sin(theta)  # [-1, 1] spans one image width
+    wave = np.tanh(sharpness * np.sin(np.pi * frequency * along + phase)) / np.tanh(sharpness)
+    fine_along = xx * np.cos(fine_theta) + yy * np.sin(fine_theta)
+    fine = np.sin(np.pi * fine_frequency * fine_along + fine_phase)
+    image = (
+        brightness
+        + tint
+        + contrast * wave[..., None] * axis
+        + fine_contrast * fine[..., None] * fine_axis
+    )
+    image = image + rng.normal(0.0, noise_sigma, size=image.shape)
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
 def _synthetic_params(
-    num_images: int, image_size: int, num_classes: int, seed: int, image_format: str
+    num_images: int,
+    image_size: int,
+    num_classes: int,
+    seed: int,
+    image_format: str,
+    style: str = "shapes",
 ) -> dict[str, Any]:
     return {
         "generator": "spark_core.data.generate_synthetic_dataset",
         "version": _SYNTHETIC_VERSION,
+        "style": style,
         "num_images": num_images,
         "image_size": image_size,
         "num_classes": num_classes,
@@ -477,10 +564,15 @@ def _iter_synthetic(params: dict[str, Any]) -> Iterator[tuple[Path, np.ndarray]]
     coords = (np.arange(size, dtype=np.float64) + 0.5) / size * 2.0 - 1.0
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
     rng = np.random.default_rng(params["seed"])
+    num_classes = params["num_classes"]
+    textures = params.get("style", "shapes") == "textures"
     for index in range(params["num_images"]):
-        class_index = index % params["num_classes"]
-        relpath = _synthetic_relpath(index, params["num_classes"], params["image_format"])
-        yield relpath, _render_synthetic_image(rng, class_index, xx, yy)
+        class_index = index % num_classes
+        relpath = _synthetic_relpath(index, num_classes, params["image_format"])
+        if textures:
+            yield relpath, _render_texture_image(rng, class_index, num_classes, xx, yy)
+        else:
+            yield relpath, _render_synthetic_image(rng, class_index, xx, yy)
 
 
 def _write_synthetic(root: Path, params: dict[str, Any], only_missing: bool = False) -> int:
@@ -516,7 +608,8 @@ def _read_manifest(root: Path) -> dict[str, Any] | None:
 
 def _reuse_existing(root: Path, manifest: dict[str, Any], params: dict[str, Any]) -> Path:
     """Return ``root`` if ``manifest`` matches ``params`` (repairing missing files), else raise."""
-    stored = {key: manifest.get(key) for key in params}
+    # Manifests written before the ``style`` option existed describe "shapes" datasets.
+    stored = {key: manifest.get(key, "shapes" if key == "style" else None) for key in params}
     if stored != params:
         diff = {k: (stored[k], params[k]) for k in params if stored[k] != params[k]}
         raise ValueError(
@@ -550,6 +643,7 @@ def generate_synthetic_dataset(
     num_classes: int = 4,
     seed: int = 0,
     image_format: str = "png",
+    style: str = "shapes",
 ) -> Path:
     """Write a procedurally generated, labelled ImageFolder; no downloads.
 
@@ -557,11 +651,20 @@ def generate_synthetic_dataset(
     belongs to class ``i % num_classes``, so classes are balanced to within one image), plus
     ``root/manifest.json`` with the parameters.
 
-    Class ``k`` fixes a shape (circle, square, triangle, ring, cross, checker) and a texture
-    frequency (see :func:`synthetic_class_recipe`); colours, position, size, rotation, texture
-    orientation/phase, background gradient and noise are random per image, so the class is
-    learnable from image content but not from mean colour. Output is byte-identical for the
-    same parameters.
+    ``style="shapes"`` (the default): class ``k`` fixes the shape of a blob (circle, square,
+    triangle, ring, cross, checker) and its texture frequency (see
+    :func:`synthetic_class_recipe`); colours, position, size, rotation, texture
+    orientation/phase, background gradient and noise are random per image.
+
+    ``style="textures"``: the whole image is a periodic pattern whose orientation is fixed by
+    the class (``180° * k / num_classes``, see :func:`synthetic_texture_orientation`);
+    frequency, phase, waveform, brightness, contrast, tint, hue, a fine distractor grating and
+    noise are random per image. Masked reconstruction has to model the pattern to fill in the
+    hidden patches, so a short SparK pre-training already separates these classes, far better
+    than the same encoder at random initialisation (see ``tests/test_pretraining.py``).
+
+    In both styles the class is learnable from image content but not from mean colour.
+    Output is byte-identical for the same parameters.
 
     Generation happens in a hidden sibling staging folder that is renamed to ``root`` only
     after ``manifest.json`` has been written last, so an interrupted run is never mistaken for
@@ -575,6 +678,7 @@ def generate_synthetic_dataset(
         num_classes: number of classes, 1 to 24.
         seed: seed for ``numpy.random.default_rng``.
         image_format: ``"png"``, ``"jpg"``, ``"jpeg"`` or ``"webp"``.
+        style: ``"shapes"`` or ``"textures"`` (:data:`SYNTHETIC_STYLES`).
 
     Returns:
         ``root`` as a resolved ``Path``.
@@ -583,6 +687,8 @@ def generate_synthetic_dataset(
         ValueError: bad arguments, or ``root`` holds something else (another synthetic dataset
             or unrelated files).
     """
+    if style not in SYNTHETIC_STYLES:
+        raise ValueError(f"style must be one of {list(SYNTHETIC_STYLES)}, got {style!r}")
     image_format = image_format.lower().lstrip(".")
     if image_format not in _FORMATS:
         raise ValueError(f"image_format must be one of {sorted(_FORMATS)}, got {image_format!r}")
@@ -597,7 +703,7 @@ def generate_synthetic_dataset(
         )
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
-    params = _synthetic_params(num_images, image_size, num_classes, int(seed), image_format)
+    params = _synthetic_params(num_images, image_size, num_classes, int(seed), image_format, style)
     root = Path(root).expanduser().resolve()
 
     if root.exists():
@@ -635,7 +741,8 @@ def generate_synthetic_dataset(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     logger.info(
-        "Generated synthetic dataset %s: %d images, %d classes, %dpx, seed %d",
+        "Generated synthetic %s dataset %s: %d images, %d classes, %dpx, seed %d",
+        style,
         root,
         num_images,
         num_classes,

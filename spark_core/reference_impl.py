@@ -125,6 +125,12 @@ class ReferenceSparK(SparK):
         for i, norm in enumerate(self.densify_norms):
             if not isinstance(norm, nn.Identity):
                 self.densify_norms[i] = _convert(norm, self.reference_mask)
+        for block in self.decoder.dec:  # the reference's plain transposed convs
+            plain = nn.ConvTranspose2d(
+                block.up_sample.in_channels, block.up_sample.out_channels, 4, 2, 1, device="meta"
+            )
+            plain.weight, plain.bias = block.up_sample.weight, block.up_sample.bias
+            block.up_sample = plain
 
     def forward(self, images: torch.Tensor, active: torch.Tensor | None = None) -> SparKOutput:
         if active is None:

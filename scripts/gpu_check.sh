@@ -40,7 +40,7 @@ for k, v in r["ratios"].items():
 PY
     tail -3 "$OUT/bench-$name.err"
 }
-bench eager --variants spark,reference,dense
+bench eager --variants spark,reference,dense --no-compile
 bench compiled --variants spark --compile --warmup 3
 [ -n "${QUICK:-}" ] && exit 0
 echo "== profile (compiled)"

@@ -1,0 +1,28 @@
+"""The benchmark runs end to end and reports every variant and ratio (numbers not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from spark_core import bench
+
+
+def test_bench_reports_all_variants_and_ratios(capsys) -> None:
+    args = [
+        "--input-size", "64", "--batch-size", "2", "--warmup", "1", "--iters", "1",
+        "--rounds", "1", "--no-compile", "--no-compile-optimizer", "--json",
+    ]  # fmt: skip
+    assert bench.main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["results"]) == {"spark", "reference", "dense"}
+    assert set(report["ratios"]) == {"spark/reference", "spark/dense"}
+    assert all(r["images_per_sec"] > 0 for r in report["results"].values())
+    assert report["settings"]["backbone"] == "resnet18"
+
+
+def test_bench_profile_lists_convolutions() -> None:
+    args = bench.parse_args(
+        ["--input-size", "64", "--batch-size", "2", "--warmup", "1", "--iters", "1",
+         "--no-compile", "--no-compile-optimizer"]
+    )  # fmt: skip
+    assert "convolution" in bench.profile(args, rows=40)

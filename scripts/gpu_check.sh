@@ -2,7 +2,8 @@
 # One prepared run on a lent CUDA machine: checks the CUDA path and benchmarks it.
 #   scripts/gpu_check.sh            (writes logs and JSON under $OUT, or ./gpu-out)
 #   QUICK=1 scripts/gpu_check.sh    (only the cuda-marked tests, the benchmarks, no profile)
-# Expects timm's wheel in .whl/ when the machine's timm differs from the pinned one.
+# The device image has its own torch; carry the pinned timm as a wheel in .whl/ (ignored):
+#   .venv/bin/python -m pip download --no-deps --only-binary=:all: -d .whl timm==1.0.31
 set -uo pipefail
 OUT="${OUT:-./gpu-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -16,7 +16,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from spark_core.model import SparK, SparKConfig, SparKOutput, SparseLayerNorm2d
-from spark_core.sparse import PASS_THROUGH_TYPES, SparseBatchNorm2d
+from spark_core.sparse import PASS_THROUGH_TYPES, SparseBatchNorm2d, share_state
 
 
 class _ReferenceMask:
@@ -51,10 +51,7 @@ class _GatherBatchNorm(nn.BatchNorm1d):
 
     def __init__(self, bn: nn.BatchNorm2d, state: _ReferenceMask) -> None:
         super().__init__(bn.num_features, eps=bn.eps, momentum=bn.momentum, device="meta")
-        for name, param in bn.named_parameters(recurse=False):
-            setattr(self, name, param)
-        for name, buf in bn.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
+        share_state(bn, self)
         self.state = state
         self.post = nn.Sequential(*(getattr(bn, n) for n in ("drop", "act") if hasattr(bn, n)))
 
@@ -72,7 +69,7 @@ class _GatherLayerNorm(nn.LayerNorm):
 
     def __init__(self, ln: nn.LayerNorm, state: _ReferenceMask, channels_first: bool) -> None:
         super().__init__(ln.normalized_shape, eps=ln.eps, device="meta")
-        self.weight, self.bias = ln.weight, ln.bias
+        share_state(ln, self)
         self.state = state
         self.channels_first = channels_first
 

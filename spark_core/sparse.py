@@ -178,6 +178,30 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _masked_group_moments(
+    x: torch.Tensor, mask: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-group statistics over visible positions, in fp32.
+
+    Args:
+        x: (B, C, H, W) features.
+        mask: (B, 1, H, W) bool, True = visible.
+        groups: number of channel groups (divides C).
+
+    Returns:
+        centred (B, G, C/G, H, W): ``x - mean`` at visible positions, 0 elsewhere;
+        var (B, G, 1, 1, 1): biased variance. A sample with nothing visible gets 0 for both.
+    """
+    b, c, h, w = x.shape
+    grouped = x.float().reshape(b, groups, c // groups, h, w)
+    grouped_mask = mask.reshape(b, 1, 1, h, w)
+    count = grouped_mask.sum((2, 3, 4), keepdim=True, dtype=torch.float32) * (c // groups)
+    count = count.clamp_min(1.0)
+    mean = torch.where(grouped_mask, grouped, 0.0).sum((2, 3, 4), keepdim=True) / count
+    centred = torch.where(grouped_mask, grouped - mean, 0.0)
+    return centred, centred.square().sum((2, 3, 4), keepdim=True) / count
+
+
 class SparseBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose statistics (batch and running) come from visible positions only.
 
@@ -219,7 +243,7 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
             input_is_masked=True,
             device="meta",
         )
-        _share_state(bn, sparse)
+        share_state(bn, sparse)
         return sparse
 
     def _sync_active(self) -> bool:
@@ -319,25 +343,16 @@ class SparseGroupNorm(nn.GroupNorm):
             mask_context=mask_context,
             device="meta",
         )
-        _share_state(gn, sparse)
+        share_state(gn, sparse)
         for name in ("drop", "act"):
             if hasattr(gn, name):
                 setattr(sparse, name, getattr(gn, name))
         return sparse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        g = self.num_groups
         mask = self.mask_context.mask_like(x)  # (B, 1, H, W)
-        grouped = x.float().reshape(b, g, c // g, h, w)
-        grouped_mask = mask.reshape(b, 1, 1, h, w)
-        count = grouped_mask.sum((2, 3, 4), keepdim=True, dtype=torch.float32) * (c // g)
-        count = count.clamp_min(1.0)
-        visible = torch.where(grouped_mask, grouped, 0.0)
-        mean = visible.sum((2, 3, 4), keepdim=True) / count
-        centred = torch.where(grouped_mask, grouped - mean, 0.0)
-        var = centred.square().sum((2, 3, 4), keepdim=True) / count
-        out = (centred * torch.rsqrt(var + self.eps)).reshape(b, c, h, w)
+        centred, var = _masked_group_moments(x, mask, self.num_groups)
+        out = (centred * torch.rsqrt(var + self.eps)).reshape(x.shape)
         if self.affine:
             out = out * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
         out = torch.where(mask, out, 0.0).to(x.dtype)
@@ -376,18 +391,11 @@ class SparseEvoNormS0(nn.Module):
         self.weight, self.bias, self.v = evo.weight, evo.bias, evo.v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
         mask = self.mask_context.mask_like(x)
         out = x.float()
         if self.v is not None:
-            grouped = out.reshape(b, self.groups, c // self.groups, h, w)
-            grouped_mask = mask.reshape(b, 1, 1, h, w)
-            count = grouped_mask.sum((2, 3, 4), keepdim=True, dtype=torch.float32)
-            count = (count * (c // self.groups)).clamp_min(1.0)
-            mean = torch.where(grouped_mask, grouped, 0.0).sum((2, 3, 4), keepdim=True) / count
-            centred = torch.where(grouped_mask, grouped - mean, 0.0)
-            var = centred.square().sum((2, 3, 4), keepdim=True) / count
-            std = (var + self.eps).sqrt().expand_as(grouped).reshape(b, c, h, w)
+            centred, var = _masked_group_moments(x, mask, self.groups)
+            std = (var + self.eps).sqrt().expand_as(centred).reshape(x.shape)
             out = out * (out * self.v.float().view(1, -1, 1, 1)).sigmoid() / std
         out = out * self.weight.float().view(1, -1, 1, 1) + self.bias.float().view(1, -1, 1, 1)
         return torch.where(mask, out, 0.0).to(x.dtype)
@@ -425,7 +433,7 @@ class SparseSEModule(nn.Module):
 # --------------------------------------------------------------------------- registry
 
 
-def _share_state(dense: nn.Module, sparse: nn.Module) -> None:
+def share_state(dense: nn.Module, sparse: nn.Module) -> None:
     """Point ``sparse`` at ``dense``'s own parameter and buffer objects (no copy)."""
     for name, param in dense.named_parameters(recurse=False):
         setattr(sparse, name, param)

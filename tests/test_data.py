@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import dataset_files, ridge_accuracy
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -34,10 +35,6 @@ def _write_image(path: Path, size: tuple[int, int] = (20, 16), value: int = 128)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}[path.suffix.lower()]
     Image.new("RGB", size, (value, 255 - value, value // 2)).save(path, format=fmt)
     return path
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +93,9 @@ def test_synthetic_layout_balanced_and_manifest(tmp_path: Path) -> None:
 
 
 def test_synthetic_deterministic_for_seed(tmp_path: Path) -> None:
-    a = _files(generate_synthetic_dataset(tmp_path / "a", **SMALL, seed=3))
-    b = _files(generate_synthetic_dataset(tmp_path / "b", **SMALL, seed=3))
-    c = _files(generate_synthetic_dataset(tmp_path / "c", **SMALL, seed=4))
+    a = dataset_files(generate_synthetic_dataset(tmp_path / "a", **SMALL, seed=3))
+    b = dataset_files(generate_synthetic_dataset(tmp_path / "b", **SMALL, seed=3))
+    c = dataset_files(generate_synthetic_dataset(tmp_path / "c", **SMALL, seed=4))
     assert len(a) == SMALL["num_images"]
     assert a == b
     assert a.keys() == c.keys()
@@ -172,17 +169,6 @@ def test_synthetic_other_formats(tmp_path: Path, image_format: str) -> None:
     assert label == 7
 
 
-def _ridge_accuracy(features: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    """Held-out accuracy of a one-vs-rest ridge classifier (train on even, test on odd)."""
-    train = np.arange(len(labels)) % 2 == 0
-    mu, sd = features[train].mean(0), features[train].std(0) + 1e-6
-    design = np.c_[(features - mu) / sd, np.ones(len(features))]
-    onehot = np.eye(num_classes)[labels]
-    gram = design[train].T @ design[train] + np.eye(design.shape[1])
-    weights = np.linalg.solve(gram, design[train].T @ onehot[train])
-    return float(((design[~train] @ weights).argmax(1) == labels[~train]).mean())
-
-
 def test_synthetic_classes_need_content_not_mean_colour(tmp_path: Path) -> None:
     size, num_classes = 32, 8
     root = generate_synthetic_dataset(
@@ -195,7 +181,7 @@ def test_synthetic_classes_need_content_not_mean_colour(tmp_path: Path) -> None:
 
     # Mean RGB alone gives (near) chance accuracy ...
     mean_rgb = images.mean(axis=(1, 2))
-    colour_acc = _ridge_accuracy(mean_rgb, labels, num_classes)
+    colour_acc = ridge_accuracy(mean_rgb, labels, num_classes)
     assert colour_acc < chance + 0.175, colour_acc
 
     # ... while a crude content feature (radial power spectrum of the grey image) does far better.
@@ -210,7 +196,7 @@ def test_synthetic_classes_need_content_not_mean_colour(tmp_path: Path) -> None:
         ],
         axis=1,
     )
-    content_acc = _ridge_accuracy(profile, labels, num_classes)
+    content_acc = ridge_accuracy(profile, labels, num_classes)
     assert content_acc > chance + 0.175, content_acc
     assert content_acc > colour_acc + 0.15
 

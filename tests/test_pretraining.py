@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import dataset_files, ridge_accuracy
 from PIL import Image
 from torch.utils.data import Subset
 
@@ -47,21 +48,6 @@ from spark_core.evaluate import evaluate_encoder
 from spark_core.model import build_spark
 
 TEXTURES = {"num_images": 24, "image_size": 32, "num_classes": 4, "style": "textures"}
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
-
-
-def _ridge_accuracy(features: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    """Held-out accuracy of a one-vs-rest ridge classifier (train on even, test on odd)."""
-    train = np.arange(len(labels)) % 2 == 0
-    mu, sd = features[train].mean(0), features[train].std(0) + 1e-6
-    design = np.c_[(features - mu) / sd, np.ones(len(features))]
-    onehot = np.eye(num_classes)[labels]
-    gram = design[train].T @ design[train] + np.eye(design.shape[1])
-    weights = np.linalg.solve(gram, design[train].T @ onehot[train])
-    return float(((design[~train] @ weights).argmax(1) == labels[~train]).mean())
 
 
 # ------------------------------------------------------------------ the "textures" generator
@@ -86,12 +72,14 @@ def test_textures_layout_manifest_and_determinism(tmp_path: Path) -> None:
     assert tuple(image.shape) == (3, 32, 32)
     assert label == 0  # class_00 holds images 0, 4, 8, ...
 
-    files = _files(root)
-    assert files == _files(generate_synthetic_dataset(tmp_path / "b", **TEXTURES, seed=3))
-    other = _files(generate_synthetic_dataset(tmp_path / "c", **TEXTURES, seed=4))
+    files = dataset_files(root)
+    assert files == dataset_files(generate_synthetic_dataset(tmp_path / "b", **TEXTURES, seed=3))
+    other = dataset_files(generate_synthetic_dataset(tmp_path / "c", **TEXTURES, seed=4))
     assert files.keys() == other.keys()
     assert all(files[k] != other[k] for k in files)
-    shapes = _files(generate_synthetic_dataset(tmp_path / "d", **{**TEXTURES, "style": "shapes"}))
+    shapes = dataset_files(
+        generate_synthetic_dataset(tmp_path / "d", **{**TEXTURES, "style": "shapes"})
+    )
     assert all(files[k] != shapes[k] for k in files)
 
 
@@ -127,7 +115,7 @@ def test_texture_classes_need_the_pattern_not_mean_colour(tmp_path: Path) -> Non
     chance = 1 / num_classes
 
     # Mean RGB alone gives (near) chance accuracy ...
-    colour_acc = _ridge_accuracy(images.mean(axis=(1, 2)), labels, num_classes)
+    colour_acc = ridge_accuracy(images.mean(axis=(1, 2)), labels, num_classes)
     assert colour_acc < chance + 0.175, colour_acc
 
     # ... while the power of the grey image's low spatial frequencies (which encodes the
@@ -138,7 +126,7 @@ def test_texture_classes_need_the_pattern_not_mean_colour(tmp_path: Path) -> Non
     radius = np.hypot(fx, fy)
     half_plane = (fy > 0) | ((fy == 0) & (fx > 0))
     low = (radius > 0) & (radius <= 2.5) & half_plane
-    content_acc = _ridge_accuracy(np.log(power[:, low] + 1e-8), labels, num_classes)
+    content_acc = ridge_accuracy(np.log(power[:, low] + 1e-8), labels, num_classes)
     assert content_acc > 0.9, content_acc
 
 

@@ -22,15 +22,7 @@ from spark_core.viz import (
     save_reconstruction_grid,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and OpenMP's spinning makes them
-    orders of magnitude slower when other processes hold the cores; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tile(grid: Image.Image, row: int, col: int, size: int = TEST_SIZE) -> np.ndarray:

@@ -6,8 +6,14 @@
   weight decay cosine from ``weight_decay`` to ``weight_decay_end``;
 * fp32 / bf16 / fp16 autocast (fp16 with a grad scaler), channels_last, optional
   ``torch.compile``;
-* exact resume at epoch boundaries: everything random in epoch ``e`` (data order,
-  augmentation, masks, drop-path) is seeded from ``(seed, e, rank)``;
+* exact resume at epoch boundaries: everything random in epoch ``e`` is seeded from
+  ``(seed, e)``: the data order, each sample's augmentation (from its index) and the masks
+  of the global batch (each rank takes its own rows), so for a fixed global batch the run
+  sees the same images and masks whatever the number of DDP workers or loader processes;
+  drop-path is seeded per rank;
+* DDP: under an initialised multi-worker process group the engine wraps the model in
+  ``DistributedDataParallel`` itself, after synchronising every batch norm's statistics
+  across workers (the reference's SyncBatchNorm);
 * metrics through callbacks. The step itself never reads a value back to the host:
   losses and grad norms stay on the device and are fetched in one transfer every
   ``log_every`` steps.
@@ -30,12 +36,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spark_core.backbones import resolve_family
 from spark_core.checkpoint import load_checkpoint, save_checkpoint
 from spark_core.model import SparK
 from spark_core.optim import Lamb
+from spark_core.sparse import synchronize_batch_norms
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +175,7 @@ class EngineConfig:
     device: str = "cpu"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
+    sync_batchnorm: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -239,6 +248,31 @@ def _world() -> tuple[int, int]:
 
 
 @dataclass
+class _SampleSeeded(Dataset):
+    """Seeds torch's CPU generator from ``(epoch seed, index)`` around each sample.
+
+    Augmentation then depends on the sample only, not on which rank or loader process reads
+    it; the caller's generator state is restored afterwards.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        state = torch.default_generator.get_state()
+        torch.default_generator.manual_seed(_derive_seed(self.seed, self.epoch, index, 3))
+        try:
+            return self.dataset[index]
+        finally:
+            torch.default_generator.set_state(state)
+
+
+@dataclass
 class _PendingStep:
     step: int
     epoch: int
@@ -283,6 +317,8 @@ class PretrainEngine:
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if forward_module is None and self.world_size > 1:
+            forward_module = self._wrap_ddp()
         self.forward_module = forward_module or self.model
         if config.compile:
             self.forward_module = torch.compile(self.forward_module)
@@ -299,6 +335,12 @@ class PretrainEngine:
         global_batch = config.global_batch_size or config.batch_size * self.world_size
         self.peak_lr = peak_lr(config.base_lr, global_batch)
         self.last_epoch_loss: float | None = None
+
+    def _wrap_ddp(self) -> nn.Module:
+        if self.config.sync_batchnorm:
+            synchronize_batch_norms(self.model)
+        device_ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids)
 
     # ------------------------------------------------------------------ state
 
@@ -339,6 +381,7 @@ class PretrainEngine:
 
     def build_loader(self, dataset: Dataset) -> DataLoader:
         """Sharded, epoch-seeded loader: each rank sees its own part of every epoch."""
+        dataset = _SampleSeeded(dataset, self.config.seed)
         sampler = DistributedSampler(
             dataset,
             num_replicas=self.world_size,
@@ -368,7 +411,9 @@ class PretrainEngine:
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        self.mask_generator.manual_seed(_derive_seed(seed, 1))
+        self.mask_generator.manual_seed(_derive_seed(self.config.seed, epoch, 1))
+        if isinstance(loader.dataset, _SampleSeeded):
+            loader.dataset.epoch = epoch
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         if loader.generator is not None:
@@ -400,9 +445,11 @@ class PretrainEngine:
         images = images.to(self.device, non_blocking=True)
         if self.config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        # The masks of the whole global batch, of which this rank takes its sampler's rows
+        # (DistributedSampler deals samples round-robin).
         active = self.model.generate_mask(
-            images.shape[0], generator=self.mask_generator, device=self.device
-        )
+            images.shape[0] * self.world_size, generator=self.mask_generator, device=self.device
+        )[self.rank :: self.world_size]
         with self._autocast():
             loss = self.forward_module(images, active).loss
         if self.scaler is not None:
@@ -486,7 +533,13 @@ class PretrainEngine:
         """One host transfer for the window's metrics, then the callbacks."""
         values = torch.stack(
             [torch.stack([p.loss.float(), p.grad_norm.float()]) for p in window.pending]
-        ).tolist()
+        )
+        if self.world_size > 1:
+            # Report the global batch's loss (the mean of the ranks': every sample masks
+            # the same number of patches); one collective per window, not per step.
+            torch.distributed.all_reduce(values)
+            values = values / self.world_size
+        values = values.tolist()
         elapsed = max(time.perf_counter() - window.start_time, 1e-9)
         throughput = window.images / elapsed
         for pending, (loss, grad_norm) in zip(window.pending, values, strict=True):

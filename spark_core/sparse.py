@@ -54,9 +54,11 @@ __all__ = [
     "SparseBatchNorm2d",
     "SparseGroupNorm",
     "SparseSEModule",
+    "SyncBatchNorm2d",
     "UnsupportedLayerError",
     "sparsify_",
     "supported_layer_types",
+    "synchronize_batch_norms",
 ]
 
 
@@ -95,11 +97,25 @@ class MaskInput:
 # --------------------------------------------------------------------------- norms
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over workers; the gradient of a sum is the sum of the workers' gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def _reduce_across_workers(packed: torch.Tensor) -> torch.Tensor:
     """Sum statistics over DDP workers (differentiable, so gradients see global stats)."""
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(packed, op=dist.ReduceOp.SUM)
+    return _AllReduceSum.apply(packed)
 
 
 def _masked_channel_moments(
@@ -119,10 +135,17 @@ def _masked_channel_moments(
     """
     centred = torch.where(mask, x.float() - shift.view(1, -1, 1, 1), 0.0)
     count = mask.sum(dtype=torch.float32).reshape(1)
+    return _moments_from_sums(centred, count, shift, sync)
+
+
+def _moments_from_sums(
+    centred: torch.Tensor, count: torch.Tensor, shift: torch.Tensor, sync: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, biased variance and count from shifted values (0 where not counted)."""
     packed = torch.cat([centred.sum((0, 2, 3)), centred.square().sum((0, 2, 3)), count])
     if sync:
         packed = _reduce_across_workers(packed)
-    channels = x.shape[1]
+    channels = centred.shape[1]
     sum1, sum2, count = packed[:channels], packed[channels : 2 * channels], packed[-1]
     safe_count = count.clamp_min(1.0)
     mean_centred = sum1 / safe_count
@@ -310,6 +333,82 @@ class SparseBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._normalise(x)
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """Dense BatchNorm2d whose training statistics are summed over all DDP workers.
+
+    Unlike ``torch.nn.SyncBatchNorm`` it runs on any device (gloo on CPU as well as NCCL).
+    Without an initialised multi-worker process group, or in eval mode, it is exactly
+    ``nn.BatchNorm2d``. Used for the decoder, whose inputs are dense.
+    """
+
+    @classmethod
+    def from_dense(cls, bn: nn.BatchNorm2d) -> SyncBatchNorm2d:
+        """Wrap an existing BatchNorm's parameters and buffers (shared, not copied)."""
+        synced = cls(
+            bn.num_features,
+            eps=bn.eps,
+            momentum=bn.momentum,
+            affine=bn.affine,
+            track_running_stats=bn.track_running_stats,
+            device="meta",
+        )
+        share_state(bn, synced)
+        return synced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (self.training and distributed):
+            return super().forward(x)
+        shift = (
+            self.running_mean.detach().float()
+            if self.running_mean is not None
+            else x.new_zeros(x.shape[1], dtype=torch.float32)
+        )
+        centred = x.float() - shift.view(1, -1, 1, 1)
+        count = x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float32)
+        mean, var, count = _moments_from_sums(centred, count, shift, sync=True)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / self.num_batches_tracked.float()
+                )
+                unbiased = var * count / (count - 1.0).clamp_min(1.0)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), factor)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight.float()
+        offset = -mean * scale
+        if self.bias is not None:
+            offset = offset + self.bias.float()
+        out = x.float() * scale.view(1, -1, 1, 1) + offset.view(1, -1, 1, 1)
+        return out.to(x.dtype)
+
+
+def synchronize_batch_norms(model: nn.Module) -> int:
+    """Make every batch norm of ``model`` use statistics summed over all DDP workers.
+
+    Sparse batch norms get ``sync_stats=True``; plain ``nn.BatchNorm2d`` layers (the
+    decoder's) are replaced in place by :class:`SyncBatchNorm2d` sharing their parameters.
+    The DDP equivalent of the reference's SyncBatchNorm; a no-op outside DDP. Call before
+    wrapping the model in ``DistributedDataParallel``. Returns the number of layers changed.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, SparseBatchNorm2d):
+            module.sync_stats = True
+            changed += 1
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                setattr(parent, name, SyncBatchNorm2d.from_dense(child))
+                changed += 1
+    return changed
 
 
 class SparseBatchNormAct2d(SparseBatchNorm2d):

@@ -1,0 +1,214 @@
+"""``sparkctl``: validate specs, run pre-training on Ray, fetch results from MLflow.
+
+    sparkctl validate SPEC            report spec errors by field
+    sparkctl pretrain SPEC            run locally (or on RAY_ADDRESS) with a live progress line
+    sparkctl export RUN_ID OUT        download a run's timm-style encoder weights
+    sparkctl schema                   print the spec's JSON Schema
+    sparkctl ui                       browse the embedded MLflow store (mlflow ui)
+
+``--json`` prints one machine-readable JSON document on stdout instead of text.
+Exit codes: 0 done, 1 the job failed, 2 bad input, 130 cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from orchestrator.settings import OrchestratorSettings
+from orchestrator.specs import PretrainSpec, SpecError, load_spec
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
+    print(json.dumps(document, indent=2, default=str) if args.json else text)
+
+
+def _load(args: argparse.Namespace, settings: OrchestratorSettings) -> PretrainSpec:
+    return load_spec(args.spec, data_roots=settings.allowed_data_roots)
+
+
+def cmd_validate(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    spec = _load(args, settings)
+    derived = spec.derived()
+    _emit(
+        args,
+        {"valid": True, "spec": spec.model_dump(mode="json"), "derived": derived.__dict__},
+        f"{args.spec}: valid ({spec.model.backbone}, {spec.optim.epochs} epochs, "
+        f"{spec.resources.num_workers} worker(s) x batch {derived.per_worker_batch}, "
+        f"peak lr {derived.peak_lr:.3g})",
+    )
+    return 0
+
+
+def run_link(settings: OrchestratorSettings, experiment_id: str, run_id: str) -> str:
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if settings.mlflow_ui_url:
+        return f"{settings.mlflow_ui_url.rstrip('/')}/{path}"
+    if settings.mlflow_tracking_uri and settings.mlflow_tracking_uri.startswith("http"):
+        return f"{settings.mlflow_tracking_uri.rstrip('/')}/{path}"
+    return f"run `sparkctl ui`, then open http://127.0.0.1:5000/{path}"
+
+
+class _ProgressLine:
+    """Writes the progress on one line of stderr (redrawn in place on a terminal)."""
+
+    def __init__(self) -> None:
+        self.interactive = sys.stderr.isatty()
+        self.last = ""
+
+    def __call__(self, progress: Any) -> None:
+        line = progress.line()
+        if line == self.last:
+            return
+        self.last = line
+        sys.stderr.write(("\r\033[K" + line) if self.interactive else line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.interactive and self.last:
+            sys.stderr.write("\n")
+
+
+def cmd_pretrain(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    from orchestrator.pretrain import JobCancelled, cancel_on_sigterm, run_pretrain
+    from orchestrator.progress import ProgressPoller
+
+    spec = _load(args, settings)
+    line = _ProgressLine()
+    pollers: list[ProgressPoller] = []
+
+    def follow(job_id: str, ref: Any) -> None:
+        sys.stderr.write(f"job {job_id}: MLflow run {ref.run_id}\n")
+        if not args.json:
+            pollers.append(ProgressPoller(ref, line, interval=args.poll).start())
+
+    try:
+        with cancel_on_sigterm():
+            result = run_pretrain(spec, job_id=args.job_id, settings=settings, on_run_open=follow)
+    except (JobCancelled, KeyboardInterrupt):
+        print("cancelled; the MLflow run is marked KILLED", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as error:  # reported, the run is already marked FAILED
+        logging.getLogger(__name__).debug("job failed", exc_info=True)
+        _emit(args, {"status": "FAILED", "error": str(error)}, f"FAILED: {error}")
+        return EXIT_FAILED
+    finally:
+        for poller in pollers:
+            poller.stop()
+        line.close()
+    link = run_link(settings, result.experiment_id, result.run_id)
+    metrics = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    _emit(
+        args,
+        {**result.to_dict(), "mlflow_link": link},
+        f"{result.status}: job {result.job_id}, {result.epochs} epochs, {result.steps} steps in "
+        f"{result.wall_time_s:.0f} s\n{metrics}\n"
+        f"MLflow run {result.run_id} (experiment {result.experiment_id}, "
+        f"{result.tracking_uri})\n  {link}\n"
+        f"encoder weights: sparkctl export {result.run_id} OUT.safetensors",
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    from orchestrator.tracking import export_encoder_artifact
+
+    path = export_encoder_artifact(settings.tracking_uri, args.run_id, Path(args.out))
+    _emit(args, {"run_id": args.run_id, "path": str(path)}, f"wrote {path}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    print(json.dumps(PretrainSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        settings.tracking_uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (store {settings.tracking_uri})")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparkctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    validate = sub.add_parser("validate", help="check a spec file")
+    validate.add_argument("spec", help="YAML or JSON PretrainSpec")
+    validate.set_defaults(run=cmd_validate)
+
+    pretrain = sub.add_parser("pretrain", help="run a pre-training job")
+    pretrain.add_argument("spec", help="YAML or JSON PretrainSpec")
+    pretrain.add_argument("--job-id", help="resume/name the job (default: a new UUID)")
+    pretrain.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
+    pretrain.set_defaults(run=cmd_pretrain)
+
+    export = sub.add_parser("export", help="download a run's encoder weights")
+    export.add_argument("run_id")
+    export.add_argument("out", help="file to write, or an existing folder")
+    export.set_defaults(run=cmd_export)
+
+    schema = sub.add_parser("schema", help="print the spec's JSON Schema")
+    schema.set_defaults(run=cmd_schema, json=True)
+
+    ui = sub.add_parser("ui", help="serve the MLflow UI on the embedded store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(run=cmd_ui)
+
+    for command in (validate, pretrain, export):
+        command.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    settings = OrchestratorSettings()
+    try:
+        return args.run(args, settings)
+    except SpecError as error:
+        _emit_error(args, error.errors, str(error))
+        return EXIT_BAD_INPUT
+    except (FileNotFoundError, ValueError) as error:
+        _emit_error(args, [("", str(error))], f"error: {error}")
+        return EXIT_BAD_INPUT
+
+
+def _emit_error(args: argparse.Namespace, errors: list[tuple[str, str]], text: str) -> None:
+    if getattr(args, "json", False):
+        document = {"valid": False, "errors": [{"field": f, "message": m} for f, m in errors]}
+        print(json.dumps(document, indent=2))
+    else:
+        print(text, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Joining a Ray cluster (``RAY_ADDRESS``) or starting a local one, always with token auth.
+
+Ray 2.60 turns token authentication on for local clusters; we set it explicitly so that the
+mode never depends on what happens to lie in ``~/.ray``: ``RAY_AUTH_MODE=token`` and
+``RAY_AUTH_TOKEN_PATH`` pointing at the settings' token file (created, mode 0600, for a
+local cluster). Every Ray process started from here inherits both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from orchestrator.settings import OrchestratorSettings
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_token_file(path: Path) -> Path:
+    """Create a random Ray token at ``path`` (owner read/write only) unless one exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    logger.info("created Ray auth token %s", path)
+    return path
+
+
+def configure_ray_auth(settings: OrchestratorSettings) -> Path:
+    """Token auth for this process and the Ray processes it starts; returns the token file."""
+    path = settings.token_path
+    if settings.ray_address is None:
+        ensure_token_file(path)
+    elif not path.is_file():
+        raise FileNotFoundError(
+            f"Ray token file {path} not found: copy the cluster's token there or point "
+            "RAY_AUTH_TOKEN_PATH at it (the cluster runs with RAY_AUTH_MODE=token)"
+        )
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    _refresh_ray_auth_config()
+    return path
+
+
+def _refresh_ray_auth_config() -> None:
+    """Make an already imported Ray re-read the auth settings from the environment.
+
+    Ray caches its config (and the token) when first imported; Ray's own ``ray.init`` does
+    the same refresh when it turns token auth on by default.
+    """
+    import sys
+
+    if "ray" not in sys.modules:
+        return
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextmanager
+def ray_session(settings: OrchestratorSettings) -> Iterator[None]:
+    """Connect to Ray for the duration of the block (reuses an existing connection)."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    configure_ray_auth(settings)
+    quiet = ray.LoggingConfig(log_level="WARNING")
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, logging_config=quiet)
+    else:
+        # The dashboard hosts the state API that Ray Train's clean-up actor queries.
+        ray.init(
+            num_cpus=settings.ray_num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_config=quiet,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()

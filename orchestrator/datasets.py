@@ -1,0 +1,105 @@
+"""The datasets a spec names: pre-training images, evaluation loaders and preview images.
+
+Synthetic sources are generated on first use under the settings' dataset cache, once per
+node (generation is atomic, so workers racing on one node share one copy); folders are read
+where they lie (the spec has already checked that they are under a data root).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from orchestrator.specs import DataSource, PretrainSpec, SyntheticData
+from spark_core.data import (
+    ImageFolderDataset,
+    build_eval_transform,
+    build_loader,
+    build_pretrain_transform,
+    generate_synthetic_dataset,
+    split_train_val,
+)
+
+
+def materialize(source: DataSource, cache: Path) -> Path:
+    """The folder holding ``source``'s images (generated first when synthetic)."""
+    if isinstance(source, SyntheticData):
+        name = (
+            f"synthetic-{source.style}-n{source.count}-s{source.size}-"
+            f"c{source.classes}-seed{source.seed}"
+        )
+        return generate_synthetic_dataset(
+            cache / name,
+            num_images=source.count,
+            image_size=source.size,
+            num_classes=source.classes,
+            seed=source.seed,
+            style=source.style,
+        )
+    return Path(source.path)
+
+
+def _evaluates(spec: PretrainSpec) -> bool:
+    return spec.evaluation.method != "none"
+
+
+def _labelled(root: Path, spec: PretrainSpec, field: str) -> ImageFolderDataset:
+    try:
+        return ImageFolderDataset(root, build_eval_transform(spec.model.input_size), labelled=True)
+    except ValueError as error:
+        raise ValueError(
+            f"{field}: evaluation needs labelled images (one sub-folder per class): {error}. "
+            "Give a labelled data.eval, or set evaluation.method: none"
+        ) from None
+
+
+def _holdout_split(spec: PretrainSpec, root: Path) -> tuple[Subset, Subset]:
+    labelled = _labelled(root, spec, "data.train")
+    return split_train_val(labelled, spec.evaluation.val_fraction, seed=spec.seed)
+
+
+def pretrain_dataset(spec: PretrainSpec, cache: Path) -> Dataset:
+    """Unlabelled, augmented pre-training images (minus the evaluation hold-out, if any)."""
+    root = materialize(spec.data.train, cache)
+    images = ImageFolderDataset(
+        root, build_pretrain_transform(spec.model.input_size), labelled=False
+    )
+    if _evaluates(spec) and spec.data.eval is None and spec.data.holdout:
+        # Both listings are sorted by path, so the split's indices carry over.
+        train, _ = _holdout_split(spec, root)
+        return Subset(images, train.indices)
+    return images
+
+
+def evaluation_loaders(spec: PretrainSpec, cache: Path):
+    """``(train_loader, val_loader)`` of labelled, un-augmented images for the probe."""
+    if spec.data.eval is not None:
+        root = materialize(spec.data.eval, cache)
+        train, val = split_train_val(
+            _labelled(root, spec, "data.eval"), spec.evaluation.val_fraction, seed=spec.seed
+        )
+    else:
+        train, val = _holdout_split(spec, materialize(spec.data.train, cache))
+    batch = spec.evaluation.batch_size
+    return (
+        build_loader(train, batch, shuffle=False, drop_last=False),
+        build_loader(val, batch, shuffle=False, drop_last=False),
+    )
+
+
+def preview_images(spec: PretrainSpec, cache: Path, count: int) -> torch.Tensor:
+    """``(count, 3, H, W)`` fixed, un-augmented images for reconstruction pictures."""
+    source = spec.data.eval or spec.data.train
+    root = materialize(source, cache)
+    images = ImageFolderDataset(root, build_eval_transform(spec.model.input_size))
+    step = max(len(images) // count, 1)
+    picks = list(range(0, len(images), step))[:count]
+    return torch.stack([images[i][0] for i in picks])
+
+
+def steps_per_epoch(dataset_size: int, spec: PretrainSpec) -> int:
+    """Optimiser steps per epoch (DistributedSampler and loader both drop the remainder)."""
+    workers = spec.resources.num_workers
+    return (dataset_size // workers) // spec.derived().per_worker_batch

@@ -1,0 +1,67 @@
+"""Downstream evaluation of a job's final encoder, run as a Ray task with the job's resources."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.datasets import evaluation_loaders
+from orchestrator.specs import PretrainSpec, parse_spec
+from spark_core import SparK, build_spark
+from spark_core.checkpoint import build_spark_from_checkpoint
+from spark_core.evaluate import evaluate_encoder
+
+CHECKPOINT_FILE = "last.pt"
+
+
+def final_model(spec: PretrainSpec, checkpoint: Any | None) -> SparK:
+    """The model of a Ray Train checkpoint, or the seeded initial model when there is none
+    (``optim.epochs: 0``: the random-initialisation baseline)."""
+    if checkpoint is None:
+        torch.manual_seed(spec.seed)
+        return build_spark(**spec.build_kwargs())
+    with checkpoint.as_directory() as folder:
+        model, _ = build_spark_from_checkpoint(Path(folder) / CHECKPOINT_FILE)
+    return model
+
+
+def evaluate_final(
+    spec_data: dict[str, Any], data_roots: list[str], cache: str, checkpoint: Any | None
+) -> dict[str, float]:
+    """``{"<method>_top1": percent}`` for the spec's evaluation method (empty for none)."""
+    spec = parse_spec(spec_data, data_roots=data_roots)
+    if spec.evaluation.method == "none":
+        return {}
+    device = torch.device("cuda" if spec.derived().use_gpu and torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(int(spec.resources.cpus_per_worker), 1))
+    model = final_model(spec, checkpoint).to(device)
+    train_loader, val_loader = evaluation_loaders(spec, Path(cache))
+    return evaluate_encoder(
+        model,
+        train_loader,
+        val_loader,
+        methods=(spec.evaluation.method,),
+        device=device,
+        seed=spec.seed,
+    )
+
+
+def run_evaluation(
+    spec: PretrainSpec, data_roots: list[str], cache: str, checkpoint: Any | None
+) -> dict[str, float]:
+    """Evaluate on the cluster, reserving what one training worker reserves."""
+    import ray
+
+    task = ray.remote(evaluate_final).options(
+        num_cpus=spec.resources.cpus_per_worker,
+        num_gpus=spec.resources.gpus_per_worker,
+        max_retries=1,
+    )
+    return ray.get(task.remote(spec.model_dump(mode="json"), data_roots, cache, checkpoint))
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="sparkorch-eval-")

@@ -1,0 +1,96 @@
+"""A job's progress as read back from its MLflow run (what the CLI and the API show)."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from orchestrator.tracking import GLOBAL_BATCH_TAG, TOTAL_STEPS_TAG, RunRef, client_for
+
+
+@dataclass(frozen=True)
+class Progress:
+    status: str
+    epoch: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    images_per_sec: float | None = None
+    eta_s: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        if self.step is None:
+            return f"{self.status.lower()}: waiting for the first steps"
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        parts = [
+            f"epoch {self.epoch:.2f}" if self.epoch is not None else "",
+            f"step {self.step}{total}",
+            f"loss {self.loss:.4f}" if self.loss is not None else "",
+            f"{self.images_per_sec:.1f} img/s" if self.images_per_sec else "",
+            f"ETA {format_duration(self.eta_s)}" if self.eta_s is not None else "",
+        ]
+        return "  ".join(p for p in parts if p)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}"
+
+
+def read_progress(ref: RunRef) -> Progress:
+    """The latest training metrics of the run, with an ETA from the recent throughput."""
+    run = client_for(ref.tracking_uri).get_run(ref.run_id)
+    metrics, tags = run.data.metrics, run.data.tags
+    step = metrics.get("train/step")
+    total = int(tags[TOTAL_STEPS_TAG]) if TOTAL_STEPS_TAG in tags else None
+    rate = metrics.get("train/images_per_sec")
+    batch = int(tags.get(GLOBAL_BATCH_TAG, 0)) or None
+    eta = None
+    if step is not None and total and rate and batch:
+        eta = max(total - step, 0) * batch / rate
+    return Progress(
+        status=run.info.status,
+        epoch=metrics.get("train/epoch"),
+        step=int(step) if step is not None else None,
+        total_steps=total,
+        loss=metrics.get("train/loss"),
+        images_per_sec=rate,
+        eta_s=eta,
+    )
+
+
+class ProgressPoller:
+    """Calls ``callback(progress)`` every ``interval`` seconds from a daemon thread."""
+
+    def __init__(
+        self, ref: RunRef, callback: Callable[[Progress], None], interval: float = 2.0
+    ) -> None:
+        self.ref = ref
+        self.callback = callback
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-poller", daemon=True)
+
+    def start(self) -> ProgressPoller:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                progress = read_progress(self.ref)
+            except Exception:  # a missed poll must not stop the job
+                continue
+            self.callback(progress)

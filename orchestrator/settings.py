@@ -1,0 +1,94 @@
+"""The orchestrator's settings: one pydantic-settings class, read from ``SPARKORCH_*``.
+
+Embedded defaults put everything under ``$SPARKORCH_HOME`` (default ``./.sparkorch``):
+the MLflow store (``mlflow.db``, SQLite) and its artifacts, Ray Train's storage, generated
+datasets and the Ray token of a local cluster. ``MLFLOW_TRACKING_URI`` and ``RAY_ADDRESS``
+point at a server and a cluster instead.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OrchestratorSettings(BaseSettings):
+    """Where runs are stored, tracked and executed (not what they compute: that is the spec)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPARKORCH_",
+        extra="ignore",
+        frozen=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    home: Path = Field(default=Path(".sparkorch"), description="root of all embedded state")
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="folders that image_folder data paths must lie under "
+        "(default: $SPARKORCH_HOME/data); JSON list in the environment",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SPARKORCH_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI (default: sqlite:///$SPARKORCH_HOME/mlflow.db)",
+    )
+    mlflow_experiment: str = Field(default="spark-pretrain", min_length=1, max_length=128)
+    mlflow_ui_url: str | None = Field(
+        default=None, description="base URL of the MLflow UI, for links in CLI output"
+    )
+    ray_address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SPARKORCH_RAY_ADDRESS", "RAY_ADDRESS"),
+        description="Ray cluster to join (default: start a local one)",
+    )
+    ray_storage: str | None = Field(
+        default=None,
+        description="Ray Train storage: a folder or a pyarrow URI such as s3://bucket/ray "
+        "(default: $SPARKORCH_HOME/ray)",
+    )
+    ray_auth_token_path: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SPARKORCH_RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN_PATH"),
+        description="Ray token file (default: RAY_AUTH_TOKEN_PATH, else "
+        "$SPARKORCH_HOME/ray-auth-token, created for a local cluster)",
+    )
+    ray_num_cpus: int | None = Field(
+        default=None, ge=1, description="logical CPUs of a local Ray cluster (default: all)"
+    )
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @cached_property
+    def allowed_data_roots(self) -> tuple[Path, ...]:
+        roots = self.data_roots or [self.home / "data"]
+        return tuple(Path(root).expanduser().resolve() for root in roots)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        """Artifact folder of experiments created on the embedded SQLite store."""
+        return self.home / "mlartifacts"
+
+    @property
+    def storage_path(self) -> str:
+        return self.ray_storage or str(self.home / "ray")
+
+    @property
+    def dataset_cache(self) -> Path:
+        """Where synthetic datasets are generated (on each node that needs them)."""
+        return self.home / "datasets"
+
+    @property
+    def token_path(self) -> Path:
+        return (self.ray_auth_token_path or self.home / "ray-auth-token").expanduser().resolve()

@@ -1,0 +1,419 @@
+"""What a pre-training job computes: :class:`PretrainSpec`, validated once, used everywhere.
+
+The same object is what ``sparkctl`` reads from YAML/JSON, what the job entrypoint receives,
+what each Ray Train worker rebuilds the run from, and what the REST API accepts. Every part
+forbids unknown keys, numbers are bounded, strings are allow-listed and data paths must lie
+under the configured data roots (``SPARKORCH_DATA_ROOTS``; pass them as validation context
+``{"data_roots": [...]}``). Errors name the field path (``optim.base_lr``).
+
+Derived values (peak lr, per-worker batch) are computed in one place:
+:meth:`PretrainSpec.derived`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from spark_core.backbones import resolve_family
+from spark_core.engine import EngineConfig, peak_lr
+from spark_core.model import DENSIFY_NORMS, MAX_DECODER_DEPTH, PATCH_STRIDE
+
+MAX_SPEC_BYTES = 256 * 1024
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
+    Field(description="letters, digits, '.', '_' or '-'; at most 64 characters"),
+]
+TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")]
+TagValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ._:/@+=,()-]{0,256}$")]
+
+
+class SpecError(ValueError):
+    """A spec failed validation; :attr:`errors` holds ``(field path, message)`` pairs."""
+
+    def __init__(self, errors: Sequence[tuple[str, str]], source: str = "spec") -> None:
+        self.errors = list(errors)
+        lines = "\n".join(f"  {path or '(root)'}: {message}" for path, message in self.errors)
+        super().__init__(f"{source} is invalid:\n{lines}")
+
+    @classmethod
+    def from_validation_error(cls, error: ValidationError, source: str = "spec") -> SpecError:
+        return cls([(field_path(e["loc"]), _message(e["msg"])) for e in error.errors()], source)
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """``("data", "train", "image_folder", "path")`` -> ``"data.train.path"``."""
+    parts = [str(part) for part in loc if part not in DATA_KINDS]
+    return ".".join(parts)
+
+
+def _message(msg: str) -> str:
+    return msg.removeprefix("Value error, ")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------------- model
+
+
+class ModelSpec(_Strict):
+    """The backbone and input resolution (timm names; see spark_core.BACKBONE_FAMILIES)."""
+
+    backbone: str = Field(default="resnet50", max_length=64, pattern=r"^[a-z0-9_.]+$")
+    input_size: int = Field(default=224, ge=32, le=1024, multiple_of=PATCH_STRIDE)
+    drop_path_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        resolve_family(value)  # ValueError listing the supported families and timm names
+        return value
+
+
+class SparkSpec(_Strict):
+    """Every ablation switch of :func:`spark_core.build_spark` (defaults = the reference)."""
+
+    mask_ratio: float = Field(default=0.6, gt=0.0, lt=1.0)
+    sparse: bool = True
+    hierarchy: int = Field(default=4, ge=1, le=4)
+    mask_token: bool = True
+    densify_norm: Literal[DENSIFY_NORMS] = "auto"  # type: ignore[valid-type]
+    decoder_width: int = Field(default=768, ge=PATCH_STRIDE, le=4096, multiple_of=PATCH_STRIDE)
+    decoder_depth: int = Field(default=2, ge=1, le=MAX_DECODER_DEPTH)
+    norm_pix_loss: bool = True
+
+
+# -------------------------------------------------------------------------------- data
+
+
+def _data_roots(info: ValidationInfo) -> tuple[Path, ...]:
+    context = info.context or {}
+    roots = context.get("data_roots")
+    if roots is None:
+        from orchestrator.settings import OrchestratorSettings
+
+        roots = OrchestratorSettings().allowed_data_roots
+    return tuple(Path(root).expanduser().resolve() for root in roots)
+
+
+def resolve_data_path(value: str, roots: Sequence[Path]) -> Path:
+    """The folder ``value`` names, refused unless it lies under one of ``roots``.
+
+    Relative paths are taken from the first root. Symbolic links are followed before the
+    check, so a link pointing out of the roots is refused.
+    """
+    roots_text = ", ".join(str(r) for r in roots) or "(none configured)"
+    if "://" in value or value.startswith("file:"):
+        raise ValueError(
+            "URLs are not accepted; give a folder path under one of the data roots: " + roots_text
+        )
+    if any(part == ".." for part in Path(value).parts):
+        raise ValueError("'..' is not allowed in data paths")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        if not roots:
+            raise ValueError("no data roots are configured (set SPARKORCH_DATA_ROOTS)")
+        path = roots[0] / path
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise ValueError(
+            f"{value!r} lies outside the allowed data roots ({roots_text}); move the data "
+            "under one of them or add a root with SPARKORCH_DATA_ROOTS"
+        )
+    if not resolved.is_dir():
+        raise ValueError(f"{value!r} is not an existing folder")
+    return resolved
+
+
+class ImageFolderData(_Strict):
+    """Images in a folder (class sub-folders, or flat when unlabelled)."""
+
+    kind: Literal["image_folder"] = "image_folder"
+    path: str = Field(min_length=1, max_length=1024)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_roots(cls, value: str, info: ValidationInfo) -> str:
+        return str(resolve_data_path(value, _data_roots(info)))
+
+
+class SyntheticData(_Strict):
+    """Procedurally generated labelled images (see spark_core.data.generate_synthetic_dataset)."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    count: int = Field(default=256, ge=8, le=200_000)
+    size: int = Field(default=64, ge=16, le=1024)
+    classes: int = Field(default=4, ge=1, le=24)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    style: Literal["shapes", "textures"] = "textures"
+
+
+DataSource = Annotated[ImageFolderData | SyntheticData, Field(discriminator="kind")]
+DATA_KINDS = frozenset({"image_folder", "synthetic"})
+
+
+def _default_kind(value: Any) -> Any:
+    """A source without ``kind`` is a folder when it has a ``path``, else synthetic."""
+    if isinstance(value, Mapping) and "kind" not in value:
+        return {"kind": "image_folder" if "path" in value else "synthetic", **value}
+    return value
+
+
+class DataSpec(_Strict):
+    """Pre-training images, and optionally a separate labelled set for evaluation.
+
+    Without ``eval``, evaluation uses a stratified ``evaluation.val_fraction`` split of
+    ``train`` (which must then be labelled) and, with ``holdout``, pre-training does not see
+    the held-out images.
+    """
+
+    train: DataSource = Field(default_factory=SyntheticData)
+    eval: DataSource | None = None
+    holdout: bool = True
+    loader_workers: int = Field(default=0, ge=0, le=32)
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _kind(cls, value: Any) -> Any:
+        return _default_kind(value)
+
+
+# ------------------------------------------------------------------------ optimisation
+
+
+class OptimSpec(_Strict):
+    """The training recipe (defaults = the reference's ImageNet recipe)."""
+
+    optimizer: Literal["lamb", "adamw"] = "lamb"
+    base_lr: float = Field(default=2e-4, gt=0.0, le=1.0)
+    global_batch_size: int = Field(default=4096, ge=1, le=65_536)
+    epochs: int = Field(default=1600, ge=0, le=10_000)
+    warmup_epochs: float = Field(default=40.0, ge=0.0, le=10_000)
+    weight_decay: float = Field(default=0.04, ge=0.0, le=1.0)
+    weight_decay_end: float = Field(default=0.2, ge=0.0, le=1.0)
+    clip_grad: float = Field(default=5.0, ge=0.0, le=1000.0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = Field(default=10, ge=1, le=10_000)
+
+
+class ResourcesSpec(_Strict):
+    """Ray Train workers (one DDP rank each) and what each one reserves."""
+
+    num_workers: int = Field(default=1, ge=1, le=512)
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, le=256)
+    gpus_per_worker: float = Field(default=0.0, ge=0.0, le=16)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+
+class CheckpointSpec(_Strict):
+    every_epochs: int = Field(default=1, ge=1, le=10_000)
+    keep: int = Field(default=2, ge=1, le=100)
+
+
+class FailureSpec(_Strict):
+    max_failures: int = Field(default=0, ge=0, le=100)
+
+
+class EvaluationSpec(_Strict):
+    """Downstream evaluation of the final encoder (frozen features, or a short fine-tune)."""
+
+    method: Literal["none", "linear_probe", "knn", "finetune"] = "linear_probe"
+    val_fraction: float = Field(default=0.25, ge=0.05, le=0.5)
+    batch_size: int = Field(default=64, ge=1, le=1024)
+
+
+class TrackingSpec(_Strict):
+    """What goes to MLflow besides metrics."""
+
+    experiment: Name | None = None
+    reconstruction_every: int = Field(
+        default=1, ge=0, le=10_000, description="epochs between reconstruction pictures; 0 = never"
+    )
+    reconstruction_images: int = Field(default=8, ge=1, le=32)
+    register_model: bool = False
+
+
+@dataclass(frozen=True)
+class DerivedValues:
+    """Values computed from a spec (never stored in it)."""
+
+    peak_lr: float
+    per_worker_batch: int
+    use_gpu: bool
+
+
+class PretrainSpec(_Strict):
+    """One SparK pre-training job."""
+
+    name: Name = "spark-pretrain"
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=32)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    spark: SparkSpec = Field(default_factory=SparkSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failures: FailureSpec = Field(default_factory=FailureSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainSpec:
+        errors = list(self._cross_field_errors())
+        if errors:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("spec_conflict", message), loc=loc, input=value
+                    )
+                    for loc, value, message in errors
+                ],
+            )
+        return self
+
+    def _cross_field_errors(self):
+        workers = self.resources.num_workers
+        batch = self.optim.global_batch_size
+        if batch % workers:
+            yield (
+                ("optim", "global_batch_size"),
+                batch,
+                f"must be divisible by resources.num_workers={workers} (each worker takes an "
+                "equal share)",
+            )
+            return
+        train = self.data.train
+        if isinstance(train, SyntheticData):
+            held_out = self.evaluation.method != "none" and self.data.eval is None
+            usable = train.count
+            if held_out and self.data.holdout:
+                usable = int(train.count * (1 - self.evaluation.val_fraction))
+            if usable // workers < batch // workers:
+                yield (
+                    ("data", "train", "count"),
+                    train.count,
+                    f"gives {usable // workers} pre-training images per worker, fewer than "
+                    f"the per-worker batch {batch // workers}; raise the count or lower "
+                    "optim.global_batch_size",
+                )
+            if held_out and train.classes < 2:
+                yield (
+                    ("data", "train", "classes"),
+                    train.classes,
+                    "evaluation needs at least 2 classes (or set evaluation.method: none)",
+                )
+
+    def derived(self) -> DerivedValues:
+        return DerivedValues(
+            peak_lr=peak_lr(self.optim.base_lr, self.optim.global_batch_size),
+            per_worker_batch=self.optim.global_batch_size // self.resources.num_workers,
+            use_gpu=self.resources.gpus_per_worker > 0,
+        )
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Arguments of :func:`spark_core.build_spark` for this spec."""
+        return {
+            "backbone": self.model.backbone,
+            "input_size": self.model.input_size,
+            "drop_path_rate": self.model.drop_path_rate,
+            **self.spark.model_dump(),
+        }
+
+    def engine_config(self, *, device: str, checkpoint_dir: str | None = None) -> EngineConfig:
+        """The engine settings of one worker."""
+        optim = self.optim
+        return EngineConfig(
+            epochs=optim.epochs,
+            batch_size=self.derived().per_worker_batch,
+            global_batch_size=optim.global_batch_size,
+            optimizer=optim.optimizer,
+            base_lr=optim.base_lr,
+            warmup_epochs=optim.warmup_epochs,
+            weight_decay=optim.weight_decay,
+            weight_decay_end=optim.weight_decay_end,
+            clip_grad=optim.clip_grad,
+            precision=optim.precision,
+            channels_last=optim.channels_last,
+            compile=optim.compile,
+            seed=self.seed,
+            log_every=optim.log_every,
+            num_workers=self.data.loader_workers,
+            device=device,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=self.checkpoint.every_epochs,
+        )
+
+    def flat_params(self) -> dict[str, str]:
+        """The spec as flat ``section.field`` -> text pairs (MLflow params), tags excluded."""
+        return flatten(self.model_dump(mode="json", exclude={"tags"}))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{path}."))
+        else:
+            flat[path] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return flat
+
+
+def parse_spec(
+    data: Any,
+    *,
+    data_roots: Sequence[Path | str] | None = None,
+    source: str = "spec",
+) -> PretrainSpec:
+    """Validate a mapping as a :class:`PretrainSpec`; :class:`SpecError` names each bad field."""
+    context = {"data_roots": list(data_roots)} if data_roots is not None else None
+    if not isinstance(data, Mapping):
+        raise SpecError([("", f"expected a mapping of fields, got {type(data).__name__}")], source)
+    try:
+        return PretrainSpec.model_validate(data, context=context)
+    except ValidationError as error:
+        raise SpecError.from_validation_error(error, source) from None
+
+
+def read_spec_file(path: str | Path) -> Any:
+    """Parse a YAML or JSON file (YAML is a superset of JSON) into plain data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise SpecError([("", f"cannot read {path}: {error.strerror}")], str(path)) from None
+    if size > MAX_SPEC_BYTES:
+        raise SpecError([("", f"file is {size} bytes; the limit is {MAX_SPEC_BYTES}")], str(path))
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise SpecError([("", f"not valid YAML/JSON: {error}")], str(path)) from None
+
+
+def load_spec(path: str | Path, *, data_roots: Sequence[Path | str] | None = None) -> PretrainSpec:
+    """Read and validate a spec file (``.yaml``, ``.yml`` or ``.json``)."""
+    return parse_spec(read_spec_file(path), data_roots=data_roots, source=str(path))

@@ -1,0 +1,146 @@
+"""What each Ray Train worker runs: one DDP rank of :class:`spark_core.engine.PretrainEngine`.
+
+Ray Train has already set up the process group (gloo on CPU, NCCL on GPU); the engine wraps
+the model in DDP with synchronised batch-norm statistics and shards the data. At the end of
+every epoch every rank calls ``ray.train.report`` (a barrier); rank 0 attaches the whole
+training state as a checkpoint every ``checkpoint.every_epochs`` epochs and at the last one.
+A restarted worker group, or a job run again under the same id, resumes from the latest
+checkpoint that Ray Train holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.datasets import pretrain_dataset, preview_images, steps_per_epoch
+from orchestrator.specs import PretrainSpec, parse_spec
+from orchestrator.tracking import (
+    GLOBAL_BATCH_TAG,
+    TOTAL_STEPS_TAG,
+    MetricsLogger,
+    ReconstructionPreview,
+    RunRef,
+    set_tags,
+)
+from spark_core import build_spark
+from spark_core.engine import EngineConfig, PretrainEngine
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "last.pt"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, as plain data (Ray pickles it to every worker)."""
+
+    spec: dict[str, Any]
+    job_id: str
+    run: dict[str, str]
+    data_roots: list[str]
+    dataset_cache: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RayReporter:
+    """Engine callback: ``ray.train.report`` on every rank at every epoch end."""
+
+    def __init__(self, rank: int, every: int, total_epochs: int) -> None:
+        self.rank = rank
+        self.every = every
+        self.total_epochs = total_epochs
+
+    def on_step(self, metrics: Any) -> None:
+        return None
+
+    def on_epoch_end(self, engine: PretrainEngine, m: Any) -> None:
+        import ray.train
+
+        metrics = {
+            "epoch": m.epoch + 1,
+            "step": m.step,
+            "loss": m.loss,
+            "epoch_time_s": m.epoch_time,
+            "images_per_sec": m.images_per_sec,
+        }
+        due = (m.epoch + 1) % self.every == 0 or m.epoch + 1 == self.total_epochs
+        if self.rank == 0 and due:
+            with tempfile.TemporaryDirectory(prefix="sparkorch-ckpt-") as folder:
+                engine.save(Path(folder) / CHECKPOINT_FILE)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(folder),
+                    checkpoint_dir_name=f"epoch-{m.epoch + 1:05d}",
+                )
+        else:
+            ray.train.report(metrics)
+
+
+def _device(spec: PretrainSpec) -> torch.device:
+    if spec.derived().use_gpu:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _threads_per_worker(spec: PretrainSpec) -> None:
+    # Each worker reserved cpus_per_worker CPUs; more intra-op threads would oversubscribe.
+    threads = max(int(spec.resources.cpus_per_worker), 1)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The ``train_loop_per_worker`` of the job's ``TorchTrainer``."""
+    import ray.train
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
+    worker = WorkerConfig(**config)
+    spec = parse_spec(worker.spec, data_roots=worker.data_roots)
+    rank = ray.train.get_context().get_world_rank()
+    _threads_per_worker(spec)
+    cache = Path(worker.dataset_cache)
+    dataset = pretrain_dataset(spec, cache)
+    device = _device(spec)
+
+    torch.manual_seed(spec.seed)  # the same initial weights everywhere (DDP also broadcasts)
+    model = build_spark(**spec.build_kwargs())
+    callbacks: list[Any] = []
+    if rank == 0:
+        ref = RunRef(**worker.run)
+        total_steps = steps_per_epoch(len(dataset), spec) * spec.optim.epochs
+        set_tags(
+            ref,
+            {
+                TOTAL_STEPS_TAG: str(total_steps),
+                GLOBAL_BATCH_TAG: str(spec.optim.global_batch_size),
+            },
+        )
+        preview = None
+        if spec.tracking.reconstruction_every:
+            images = preview_images(spec, cache, spec.tracking.reconstruction_images)
+            preview = ReconstructionPreview(images, spec.tracking.reconstruction_every, spec.seed)
+        callbacks.append(MetricsLogger(ref, log_every=spec.optim.log_every, reconstruction=preview))
+    callbacks.append(RayReporter(rank, spec.checkpoint.every_epochs, spec.optim.epochs))
+
+    engine = PretrainEngine(model, _engine_config(spec, device), callbacks=callbacks)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.resume(Path(folder) / CHECKPOINT_FILE)
+        logger.info("rank %d resumed at epoch %d, step %d", rank, engine.epoch, engine.global_step)
+    engine.fit(dataset)
+
+
+def _engine_config(spec: PretrainSpec, device: torch.device) -> EngineConfig:
+    return spec.engine_config(device=str(device))

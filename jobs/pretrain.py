@@ -13,7 +13,13 @@ import json
 import logging
 import sys
 
-from orchestrator.pretrain import JobCancelled, cancel_on_sigterm, check_job_id, run_pretrain
+from orchestrator.pretrain import (
+    JobCancelled,
+    cancel_on_sigterm,
+    check_job_id,
+    exit_after_cancel,
+    run_pretrain,
+)
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import SpecError, load_spec
 
@@ -44,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_pretrain(spec, job_id=job_id, settings=settings)
     except (JobCancelled, KeyboardInterrupt):
         logger.warning("cancelled; the MLflow run is marked KILLED")
-        return 130
+        exit_after_cancel(130)
     except Exception:
         logger.exception("job failed; the MLflow run is marked FAILED")
         return 1

@@ -77,7 +77,12 @@ class _ProgressLine:
 
 
 def cmd_pretrain(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    from orchestrator.pretrain import JobCancelled, cancel_on_sigterm, run_pretrain
+    from orchestrator.pretrain import (
+        JobCancelled,
+        cancel_on_sigterm,
+        exit_after_cancel,
+        run_pretrain,
+    )
     from orchestrator.progress import ProgressPoller
 
     spec = _load(args, settings)
@@ -93,8 +98,9 @@ def cmd_pretrain(args: argparse.Namespace, settings: OrchestratorSettings) -> in
         with cancel_on_sigterm():
             result = run_pretrain(spec, job_id=args.job_id, settings=settings, on_run_open=follow)
     except (JobCancelled, KeyboardInterrupt):
+        line.close()
         print("cancelled; the MLflow run is marked KILLED", file=sys.stderr)
-        return EXIT_CANCELLED
+        exit_after_cancel(EXIT_CANCELLED)
     except Exception as error:  # reported, the run is already marked FAILED
         logging.getLogger(__name__).debug("job failed", exc_info=True)
         _emit(args, {"status": "FAILED", "error": str(error)}, f"FAILED: {error}")

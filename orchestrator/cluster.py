@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,6 +77,9 @@ def ray_session(settings: OrchestratorSettings) -> Iterator[None]:
         return
     configure_ray_auth(settings)
     quiet = ray.LoggingConfig(log_level="WARNING")
+    # ray.init replaces the SIGTERM handler with sys.exit; keep the caller's (which turns
+    # ``ray job stop`` into a clean cancellation).
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     if settings.ray_address:
         ray.init(address=settings.ray_address, logging_config=quiet)
     else:
@@ -85,6 +90,8 @@ def ray_session(settings: OrchestratorSettings) -> Iterator[None]:
             dashboard_host="127.0.0.1",
             logging_config=quiet,
         )
+    if threading.current_thread() is threading.main_thread() and sigterm_handler is not None:
+        signal.signal(signal.SIGTERM, sigterm_handler)
     try:
         yield
     finally:

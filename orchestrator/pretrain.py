@@ -10,16 +10,19 @@ FAILED or KILLED (on :class:`JobCancelled` / ``KeyboardInterrupt``).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from orchestrator.cluster import ray_session
 from orchestrator.evaluation import CHECKPOINT_FILE, final_model, run_evaluation
@@ -147,11 +150,35 @@ def _register_encoder(spec: PretrainSpec, ref: RunRef, artifact: str) -> None:
     client.create_model_version(spec.name, source=source, run_id=ref.run_id)
 
 
+def _fit_interruptibly(trainer: Any) -> Any:
+    """``trainer.fit()`` in a helper thread while the main thread waits in Python.
+
+    A signal handler that raises (SIGTERM -> :class:`JobCancelled`) then interrupts a plain
+    ``join`` instead of Ray's blocking C call, where the exception would be mangled.
+    Leaving ``ray_session`` afterwards disconnects the driver, which stops the run's actors.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the main thread below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _fit_and_finish(
     spec: PretrainSpec, job_id: str, ref: RunRef, settings: OrchestratorSettings
 ) -> PretrainResult:
     start = time.perf_counter()
-    result = _trainer(spec, job_id, ref, settings).fit()
+    result = _fit_interruptibly(_trainer(spec, job_id, ref, settings))
     checkpoint = result.checkpoint
     encoder, state = _log_final_artifacts(spec, ref, checkpoint)
     roots = [str(p) for p in settings.allowed_data_roots]
@@ -198,7 +225,8 @@ def run_pretrain(
             uses it to follow progress).
 
     Raises:
-        JobCancelled / KeyboardInterrupt: the run is ended KILLED, then the error re-raised.
+        JobCancelled / KeyboardInterrupt / SystemExit: the run is ended KILLED, then the
+            error re-raised.
         Exception: anything else ends the run FAILED and is re-raised (Ray Train's
             ``TrainingFailedError`` carries the workers' error).
     """
@@ -215,7 +243,7 @@ def run_pretrain(
             result = _fit_and_finish(spec, job_id, ref, settings)
         status = "FINISHED"
         return result
-    except (JobCancelled, KeyboardInterrupt):
+    except (JobCancelled, KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
@@ -234,3 +262,15 @@ def cancel_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_after_cancel(code: int = 130) -> NoReturn:
+    """Leave the process at once after a cancellation (the MLflow run is already KILLED).
+
+    Ray's fit thread may still sit inside Ray's C++ core worker, which does not survive a
+    normal interpreter shutdown; skip it.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

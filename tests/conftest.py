@@ -1,9 +1,12 @@
-"""Shared fixtures: small models, seeded images."""
+"""Shared fixtures: small models, seeded images, a real local Ray cluster."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,3 +57,74 @@ def ridge_accuracy(features: np.ndarray, labels: np.ndarray, num_classes: int) -
     gram = design[train].T @ design[train] + np.eye(design.shape[1])
     weights = np.linalg.solve(gram, design[train].T @ onehot[train])
     return float(((design[~train] @ weights).argmax(1) == labels[~train]).mean())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayTestCluster:
+    """A real local Ray cluster (token auth on) and the settings that point at it."""
+
+    cluster: Any
+    settings: Any
+    token_path: Path
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess that joins this cluster as another driver."""
+        import os
+
+        return {
+            **os.environ,
+            "RAY_ADDRESS": self.address,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "SPARKORCH_HOME": str(self.settings.home),
+            "SPARKORCH_DATA_ROOTS": json.dumps([str(p) for p in self.settings.allowed_data_roots]),
+        }
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTestCluster]:
+    """One Ray head for the whole session, on free ports (6379 is Redis's here).
+
+    4 logical CPUs on this 2-core machine: 2 training workers plus an evaluation task.
+    The dashboard is on: Ray Train's clean-up actor and the state API need it.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.cluster import configure_ray_auth
+    from orchestrator.settings import OrchestratorSettings
+
+    home = tmp_path_factory.mktemp("sparkorch-home")
+    (home / "data").mkdir()
+    settings = OrchestratorSettings(home=home, ray_address=None)
+    token = configure_ray_auth(settings)
+    cluster = Cluster(
+        initialize_head=True,
+        connect=True,
+        head_node_args={
+            "num_cpus": 4,
+            "gcs_server_port": free_port(),
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+            "object_store_memory": 256 * 1024 * 1024,
+        },
+    )
+    settings = OrchestratorSettings(home=home, ray_address=cluster.address)
+    try:
+        yield RayTestCluster(cluster, settings, token)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format bench clean
+.PHONY: run demo test lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Until the REST service exists: the smoke pre-training job through Ray, tracked in MLflow.
 run: $(STAMP)
+	$(BIN)/sparkctl pretrain examples/pretrain-smoke.yaml
+
+demo: $(STAMP)
 	$(BIN)/python -m spark_core.demo
 
 test: $(STAMP)

@@ -20,7 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from orchestrator.settings import OrchestratorSettings
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from orchestrator.settings import OrchestratorSettings, describe_settings_error
 from orchestrator.specs import PretrainSpec, SpecError, load_spec
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
@@ -197,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    settings = OrchestratorSettings()
+    try:
+        settings = OrchestratorSettings()
+    except (ValidationError, SettingsError) as error:
+        problems = describe_settings_error(error)
+        text = "\n".join(f"  {name}: {problem}" for name, problem in problems)
+        _emit_error(args, problems, f"invalid settings in the environment:\n{text}")
+        return EXIT_BAD_INPUT
     try:
         return args.run(args, settings)
     except SpecError as error:
@@ -210,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _emit_error(args: argparse.Namespace, errors: list[tuple[str, str]], text: str) -> None:
     if getattr(args, "json", False):
-        document = {"valid": False, "errors": [{"field": f, "message": m} for f, m in errors]}
+        document: dict[str, Any] = {"errors": [{"field": f, "message": m} for f, m in errors]}
+        if args.command == "validate":
+            document = {"valid": False, **document}
         print(json.dumps(document, indent=2))
     else:
         print(text, file=sys.stderr)

@@ -8,11 +8,14 @@ point at a server and a cluster instead.
 
 from __future__ import annotations
 
+import json
+import os
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class OrchestratorSettings(BaseSettings):
@@ -27,10 +30,11 @@ class OrchestratorSettings(BaseSettings):
     )
 
     home: Path = Field(default=Path(".sparkorch"), description="root of all embedded state")
-    data_roots: list[Path] = Field(
+    data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="folders that image_folder data paths must lie under "
-        "(default: $SPARKORCH_HOME/data); JSON list in the environment",
+        "(default: $SPARKORCH_HOME/data); in the environment a JSON list or "
+        "':'-separated paths",
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,
@@ -60,6 +64,16 @@ class OrchestratorSettings(BaseSettings):
     ray_num_cpus: int | None = Field(
         default=None, ge=1, description="logical CPUs of a local Ray cluster (default: all)"
     )
+
+    @field_validator("data_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part]
+        return value
 
     @field_validator("home")
     @classmethod
@@ -92,3 +106,18 @@ class OrchestratorSettings(BaseSettings):
     @property
     def token_path(self) -> Path:
         return (self.ray_auth_token_path or self.home / "ray-auth-token").expanduser().resolve()
+
+
+def describe_settings_error(error: Exception) -> list[tuple[str, str]]:
+    """``(environment variable, problem)`` pairs for a settings failure."""
+    from pydantic import ValidationError
+
+    if not isinstance(error, ValidationError):
+        return [("SPARKORCH_*", str(error))]
+    return [
+        (
+            "SPARKORCH_" + "_".join(str(part) for part in e["loc"][:1]).upper(),
+            f"{e['msg']} (got {e.get('input')!r})",
+        )
+        for e in error.errors()
+    ]

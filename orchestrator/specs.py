@@ -13,6 +13,7 @@ Derived values (peak lr, per-worker batch) are computed in one place:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    StringConstraints,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -37,13 +38,39 @@ from spark_core.model import DENSIFY_NORMS, MAX_DECODER_DEPTH, PATCH_STRIDE
 
 MAX_SPEC_BYTES = 256 * 1024
 
+
+def _charset(pattern: str, rule: str):
+    """A string validator that explains ``rule`` instead of showing the regex."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise PydanticCustomError("string_charset", "{rule}", {"rule": rule})
+        return value
+
+    return AfterValidator(check)
+
+
+NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 Name = Annotated[
     str,
-    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"),
-    Field(description="letters, digits, '.', '_' or '-'; at most 64 characters"),
+    _charset(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", NAME_RULE),
+    Field(description=NAME_RULE),
 ]
-TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")]
-TagValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9 ._:/@+=,()-]{0,256}$")]
+TagKey = Annotated[
+    str,
+    _charset(
+        r"[A-Za-z0-9][A-Za-z0-9._/-]{0,63}",
+        "tag keys: 1-64 letters, digits, '.', '_', '/' or '-', starting with a letter or digit",
+    ),
+]
+TagValue = Annotated[
+    str,
+    _charset(
+        r"[A-Za-z0-9 ._:/@+=,()-]{0,256}",
+        "tag values: at most 256 letters, digits, spaces and . _ : / @ + = , ( ) -",
+    ),
+]
 
 
 class SpecError(ValueError):
@@ -61,12 +88,35 @@ class SpecError(ValueError):
 
 def field_path(loc: Sequence[int | str]) -> str:
     """``("data", "train", "image_folder", "path")`` -> ``"data.train.path"``."""
-    parts = [str(part) for part in loc if part not in DATA_KINDS]
+    parts = [str(part) for part in loc]
+    # Drop the union tag pydantic inserts after a data source (data.train / data.eval).
+    if (
+        len(parts) >= 3
+        and parts[:1] == ["data"]
+        and parts[1] in ("train", "eval")
+        and (parts[2] in DATA_KINDS)
+    ):
+        del parts[2]
     return ".".join(parts)
 
 
 def _message(msg: str) -> str:
     return msg.removeprefix("Value error, ")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Strict(BaseModel):
@@ -141,7 +191,7 @@ def resolve_data_path(value: str, roots: Sequence[Path]) -> Path:
             "under one of them or add a root with SPARKORCH_DATA_ROOTS"
         )
     if not resolved.is_dir():
-        raise ValueError(f"{value!r} is not an existing folder")
+        raise ValueError(f"{value!r} is not an existing folder (looked for {resolved})")
     return resolved
 
 
@@ -187,7 +237,7 @@ class DataSpec(_Strict):
     the held-out images.
     """
 
-    train: DataSource = Field(default_factory=SyntheticData)
+    train: DataSource
     eval: DataSource | None = None
     holdout: bool = True
     loader_workers: int = Field(default=0, ge=0, le=32)
@@ -272,7 +322,7 @@ class PretrainSpec(_Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     model: ModelSpec = Field(default_factory=ModelSpec)
     spark: SparkSpec = Field(default_factory=SparkSpec)
-    data: DataSpec = Field(default_factory=DataSpec)
+    data: DataSpec
     optim: OptimSpec = Field(default_factory=OptimSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -409,9 +459,18 @@ def read_spec_file(path: str | Path) -> Any:
     if size > MAX_SPEC_BYTES:
         raise SpecError([("", f"file is {size} bytes; the limit is {MAX_SPEC_BYTES}")], str(path))
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpecError([("", f"cannot read {path}: {error.strerror}")], str(path)) from None
+    except UnicodeDecodeError as error:
         raise SpecError([("", f"not valid YAML/JSON: {error}")], str(path)) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        raise SpecError([("", f"not valid YAML/JSON: {error}")], str(path)) from None
+    if data is None:
+        raise SpecError([("", "the file is empty: it needs at least a data section")], str(path))
+    return data
 
 
 def load_spec(path: str | Path, *, data_roots: Sequence[Path | str] | None = None) -> PretrainSpec:

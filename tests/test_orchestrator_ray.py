@@ -325,3 +325,78 @@ def test_workers_spread_over_two_nodes(ray_cluster: RayTestCluster) -> None:
         assert set(new.values()) == {ray_cluster.cluster.head_node.node_id, node.node_id}
     finally:
         ray_cluster.cluster.remove_node(node)
+
+
+# ------------------------------------------------------------------------ mlflow server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` (one worker) on SQLite, serving artifacts itself."""
+    import urllib.request
+
+    from conftest import free_port
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "w"),  # noqa: SIM115 - closed with the process
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return process.poll() is not None  # stop waiting if it died
+
+    try:
+        wait_for(healthy, timeout=180, interval=1.0)
+        assert process.poll() is None, (root / "server.log").read_text()[-3000:]
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_a_job_tracked_on_an_mlflow_server(
+    ray_cluster: RayTestCluster, mlflow_server: str, tmp_path: Path
+) -> None:
+    settings = ray_cluster.settings.model_copy(update={"mlflow_tracking_uri": mlflow_server})
+    spec = tiny_spec(
+        ray_cluster,
+        optim={"epochs": 1},
+        resources={"num_workers": 1},
+        tracking={"reconstruction_every": 1, "reconstruction_images": 2},
+    )
+    result = run_pretrain(spec, job_id="server-tracked", settings=settings)
+    server = MlflowClient(mlflow_server)
+    run = server.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["job_id"] == "server-tracked"
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert len(server.get_metric_history(result.run_id, "train/loss")) == STEPS_PER_EPOCH
+    local = server.download_artifacts(result.run_id, result.encoder_artifact, str(tmp_path))
+    state = load_file(local)
+    assert "conv1.weight" in state and not any(k.startswith("fc.") for k in state)

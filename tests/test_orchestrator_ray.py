@@ -102,6 +102,7 @@ def test_two_worker_job_learns_and_leaves_a_complete_mlflow_record(
         data={"train": {"kind": "synthetic", "count": 96, "size": 64, "classes": 4}},
         evaluation={"method": "knn"},
         tags={"purpose": "test"},
+        tracking={"register_model": True},
     )
     result = run_pretrain(spec, job_id="happy-path", settings=ray_cluster.settings)
     assert result.status == "FINISHED"
@@ -137,6 +138,9 @@ def test_two_worker_job_learns_and_leaves_a_complete_mlflow_record(
     assert yaml.safe_load((spec_dir / "spec.yaml").read_text()) == spec.model_dump(mode="json")
     images = [a.path for a in mlflow_client.list_artifacts(result.run_id, "images")]
     assert any("reconstruction" in path for path in images)
+    versions = mlflow_client.search_model_versions(f"name = '{spec.name}'")
+    assert [v.run_id for v in versions] == [result.run_id]
+    assert versions[0].source.endswith(result.encoder_artifact)
 
     # The exported encoder loads into timm with only the classifier missing.
     from orchestrator.cli import main as sparkctl

@@ -2,6 +2,7 @@
 
     sparkctl validate SPEC            report spec errors by field
     sparkctl pretrain SPEC            run locally (or on RAY_ADDRESS) with a live progress line
+    sparkctl sweep SPEC               run an ablation sweep with a live table of trials
     sparkctl export RUN_ID OUT        download a run's timm-style encoder weights
     sparkctl schema                   print the spec's JSON Schema
     sparkctl ui                       browse the embedded MLflow store (mlflow ui)
@@ -24,7 +25,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from orchestrator.settings import OrchestratorSettings, describe_settings_error
-from orchestrator.specs import PretrainSpec, SpecError, load_spec
+from orchestrator.specs import PretrainSpec, SpecError, load_spec, load_sweep, read_spec_file
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
 
@@ -37,7 +38,22 @@ def _load(args: argparse.Namespace, settings: OrchestratorSettings) -> PretrainS
     return load_spec(args.spec, data_roots=settings.allowed_data_roots)
 
 
+def _is_sweep(path: str) -> bool:
+    data = read_spec_file(path)
+    return isinstance(data, dict) and "base" in data
+
+
 def cmd_validate(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    if _is_sweep(args.spec):
+        sweep = load_sweep(args.spec, data_roots=settings.allowed_data_roots)
+        _emit(
+            args,
+            {"valid": True, "kind": "sweep", "spec": sweep.model_dump(mode="json")},
+            f"{args.spec}: valid sweep ({', '.join(sweep.search) or 'no search'}; "
+            f"{len(sweep.variants)} variant(s); {len(sweep.seeds)} seed(s); "
+            f"metric {sweep.metric} ({sweep.mode}))",
+        )
+        return 0
     spec = _load(args, settings)
     derived = spec.derived()
     _emit(
@@ -126,6 +142,77 @@ def cmd_pretrain(args: argparse.Namespace, settings: OrchestratorSettings) -> in
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    from orchestrator.pretrain import JobCancelled, cancel_on_sigterm, exit_after_cancel
+    from orchestrator.progress import format_table, read_trials
+    from orchestrator.sweeps import run_sweep
+
+    sweep = load_sweep(args.spec, data_roots=settings.allowed_data_roots)
+    pollers: list[Any] = []
+
+    def follow(job_id: str, ref: Any) -> None:
+        sys.stderr.write(f"sweep {job_id}: MLflow parent run {ref.run_id}\n")
+        if not args.json:
+            pollers.append(_TablePoller(lambda: format_table(read_trials(ref, list(sweep.search)))))
+            pollers[-1].start()
+
+    try:
+        with cancel_on_sigterm():
+            result = run_sweep(sweep, job_id=args.job_id, settings=settings, on_run_open=follow)
+    except (JobCancelled, KeyboardInterrupt):
+        print("cancelled; the MLflow parent run is marked KILLED", file=sys.stderr)
+        exit_after_cancel(EXIT_CANCELLED)
+    except Exception as error:  # reported; the parent run is already marked FAILED
+        _emit(args, {"status": "FAILED", "error": str(error)}, f"FAILED: {error}")
+        return EXIT_FAILED
+    finally:
+        for poller in pollers:
+            poller.stop()
+    from orchestrator.sweeps import to_markdown
+
+    link = run_link(settings, result.experiment_id, result.run_id)
+    best = result.best or {}
+    _emit(
+        args,
+        {**result.to_dict(), "mlflow_link": link},
+        f"{result.status}: sweep {result.job_id} in {result.wall_time_s:.0f} s\n\n"
+        f"{to_markdown(result.columns, result.records)}\n"
+        f"best: {best}\nMLflow parent run {result.run_id}: {link}",
+    )
+    return 0
+
+
+class _TablePoller:
+    """Redraws the trial table on stderr every few seconds while the sweep runs."""
+
+    def __init__(self, render: Any, interval: float = 5.0) -> None:
+        import threading
+
+        self.render = render
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._last = ""
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                table = self.render()
+            except Exception:  # a missed refresh must not stop the sweep
+                continue
+            if table != self._last:
+                self._last = table
+                sys.stderr.write(f"\n{table}\n")
+                sys.stderr.flush()
+
+
 def cmd_export(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
     from orchestrator.tracking import export_encoder_artifact
 
@@ -177,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
     pretrain.set_defaults(run=cmd_pretrain)
 
+    sweep = sub.add_parser("sweep", help="run an ablation sweep (Ray Tune)")
+    sweep.add_argument("spec", help="YAML or JSON SweepSpec")
+    sweep.add_argument("--job-id", help="resume/name the sweep (default: a new UUID)")
+    sweep.set_defaults(run=cmd_sweep)
+
     export = sub.add_parser("export", help="download a run's encoder weights")
     export.add_argument("run_id")
     export.add_argument("out", help="file to write, or an existing folder")
@@ -189,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(run=cmd_ui)
 
-    for command in (validate, pretrain, export):
+    for command in (validate, pretrain, sweep, export):
         command.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 

@@ -21,6 +21,12 @@ from orchestrator.settings import OrchestratorSettings
 
 logger = logging.getLogger(__name__)
 
+# A sweep trial's driver (which only waits on its Ray Train workers) holds one unit of this
+# custom resource instead of a CPU, so it never takes a CPU its own workers need. Every
+# head node advertises it (``ray start --resources='{"sparkorch_trial_driver": 1000}'``).
+TRIAL_DRIVER_RESOURCE = "sparkorch_trial_driver"
+TRIAL_DRIVER_SLOTS = 1000
+
 
 def ensure_token_file(path: Path) -> Path:
     """Create a random Ray token at ``path`` (owner read/write only) unless one exists."""
@@ -86,6 +92,7 @@ def ray_session(settings: OrchestratorSettings) -> Iterator[None]:
         # The dashboard hosts the state API that Ray Train's clean-up actor queries.
         ray.init(
             num_cpus=settings.ray_num_cpus,
+            resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             logging_config=quiet,

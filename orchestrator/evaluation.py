@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +58,8 @@ def run_evaluation(
         num_cpus=spec.resources.cpus_per_worker,
         num_gpus=spec.resources.gpus_per_worker,
         max_retries=1,
+        # Inside a sweep trial the caller holds a placement group with only the driver's
+        # custom resource; the evaluation must be scheduled outside it.
+        scheduling_strategy="DEFAULT",
     )
     return ray.get(task.remote(spec.model_dump(mode="json"), data_roots, cache, checkpoint))
-
-
-def scratch_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="sparkorch-eval-")

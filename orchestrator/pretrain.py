@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +74,13 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def _trainer(spec: PretrainSpec, job_id: str, ref: RunRef, settings: OrchestratorSettings):
+def _trainer(
+    spec: PretrainSpec,
+    job_id: str,
+    ref: RunRef,
+    settings: OrchestratorSettings,
+    callbacks: Sequence[Any] = (),
+):
     from ray.train import (
         CheckpointConfig,
         FailureConfig,
@@ -114,6 +120,7 @@ def _trainer(spec: PretrainSpec, job_id: str, ref: RunRef, settings: Orchestrato
             failure_config=FailureConfig(max_failures=spec.failures.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
         ),
     )
 
@@ -150,7 +157,7 @@ def _register_encoder(spec: PretrainSpec, ref: RunRef, artifact: str) -> None:
     client.create_model_version(spec.name, source=source, run_id=ref.run_id)
 
 
-def _fit_interruptibly(trainer: Any) -> Any:
+def fit_interruptibly(trainer: Any) -> Any:
     """``trainer.fit()`` in a helper thread while the main thread waits in Python.
 
     A signal handler that raises (SIGTERM -> :class:`JobCancelled`) then interrupts a plain
@@ -175,10 +182,14 @@ def _fit_interruptibly(trainer: Any) -> Any:
 
 
 def _fit_and_finish(
-    spec: PretrainSpec, job_id: str, ref: RunRef, settings: OrchestratorSettings
+    spec: PretrainSpec,
+    job_id: str,
+    ref: RunRef,
+    settings: OrchestratorSettings,
+    trainer_callbacks: Sequence[Any] = (),
 ) -> PretrainResult:
     start = time.perf_counter()
-    result = _fit_interruptibly(_trainer(spec, job_id, ref, settings))
+    result = fit_interruptibly(_trainer(spec, job_id, ref, settings, trainer_callbacks))
     checkpoint = result.checkpoint
     encoder, state = _log_final_artifacts(spec, ref, checkpoint)
     roots = [str(p) for p in settings.allowed_data_roots]
@@ -214,6 +225,9 @@ def run_pretrain(
     job_id: str | None = None,
     settings: OrchestratorSettings | None = None,
     on_run_open: Any = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    trainer_callbacks: Sequence[Any] = (),
 ) -> PretrainResult:
     """Run (or resume) one pre-training job to the end; see the module docstring.
 
@@ -223,6 +237,9 @@ def run_pretrain(
         settings: where to track, store and run (default: from the environment).
         on_run_open: called with ``(job_id, RunRef)`` once the MLflow run exists (the CLI
             uses it to follow progress).
+        parent_run_id: nest the MLflow run under this one (a sweep's trial).
+        extra_tags: more MLflow tags (a sweep's trial: variant, trial id).
+        trainer_callbacks: Ray Train callbacks (a sweep's trial: Tune's report callback).
 
     Raises:
         JobCancelled / KeyboardInterrupt / SystemExit: the run is ended KILLED, then the
@@ -232,7 +249,9 @@ def run_pretrain(
     """
     settings = settings or OrchestratorSettings()
     job_id = check_job_id(job_id or new_job_id())
-    ref, reopened = open_job_run(spec, job_id, settings)
+    ref, reopened = open_job_run(
+        spec, job_id, settings, parent_run_id=parent_run_id, extra_tags=extra_tags
+    )
     if reopened:
         logger.info("job %s ran before: resuming MLflow run %s", job_id, ref.run_id)
     if on_run_open is not None:
@@ -240,7 +259,7 @@ def run_pretrain(
     status = "FAILED"
     try:
         with ray_session(settings):
-            result = _fit_and_finish(spec, job_id, ref, settings)
+            result = _fit_and_finish(spec, job_id, ref, settings, trainer_callbacks)
         status = "FINISHED"
         return result
     except (JobCancelled, KeyboardInterrupt, SystemExit):

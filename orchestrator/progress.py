@@ -6,6 +6,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from orchestrator.tracking import GLOBAL_BATCH_TAG, TOTAL_STEPS_TAG, RunRef, client_for
 
@@ -94,3 +95,42 @@ class ProgressPoller:
             except Exception:  # a missed poll must not stop the job
                 continue
             self.callback(progress)
+
+
+def read_trials(ref: RunRef, params: list[str]) -> list[dict[str, Any]]:
+    """One row per trial run nested under the sweep's parent run: state, values, metrics."""
+    from orchestrator.tracking import find_children
+
+    rows = []
+    for child in sorted(find_children(ref), key=lambda r: r.info.start_time or 0):
+        data = child.data
+        row: dict[str, Any] = {
+            "trial": data.tags.get("sparkorch.trial_id", child.info.run_id[:8]),
+            "state": child.info.status,
+            "variant": data.tags.get("sparkorch.variant", ""),
+        }
+        row.update({path: data.params.get(path, "") for path in params})
+        row["epoch"] = round(data.metrics.get("train/epoch", 0.0), 2)
+        row["loss"] = round(data.metrics.get("train/loss", float("nan")), 4)
+        row.update(
+            {
+                k.removeprefix("eval/"): round(v, 2)
+                for k, v in data.metrics.items()
+                if k.startswith("eval/")
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain fixed-width text table of dict rows (columns: union of keys, in order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    if not columns:
+        return "(no trials yet)"
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)

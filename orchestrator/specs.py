@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -90,14 +91,17 @@ def field_path(loc: Sequence[int | str]) -> str:
     """``("data", "train", "image_folder", "path")`` -> ``"data.train.path"``."""
     parts = [str(part) for part in loc]
     # Drop the union tag pydantic inserts after a data source (data.train / data.eval).
-    if (
-        len(parts) >= 3
-        and parts[:1] == ["data"]
-        and parts[1] in ("train", "eval")
-        and (parts[2] in DATA_KINDS)
-    ):
-        del parts[2]
-    return ".".join(parts)
+    kept = [
+        part
+        for i, part in enumerate(parts)
+        if not (
+            part in DATA_KINDS
+            and i >= 2
+            and parts[i - 1] in ("train", "eval")
+            and parts[i - 2] == "data"
+        )
+    ]
+    return ".".join(kept)
 
 
 def _message(msg: str) -> str:
@@ -476,3 +480,211 @@ def read_spec_file(path: str | Path) -> Any:
 def load_spec(path: str | Path, *, data_roots: Sequence[Path | str] | None = None) -> PretrainSpec:
     """Read and validate a spec file (``.yaml``, ``.yml`` or ``.json``)."""
     return parse_spec(read_spec_file(path), data_roots=data_roots, source=str(path))
+
+
+# ------------------------------------------------------------------------------ sweeps
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
+SweepValue = bool | int | float | str
+METRICS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        # name -> (mode, evaluation method that produces it, or "" for training metrics)
+        "linear_probe_top1": ("max", "linear_probe"),
+        "knn_top1": ("max", "knn"),
+        "finetune_top1": ("max", "finetune"),
+        "final_loss": ("min", ""),
+    }
+)
+
+
+class Distribution(_Strict):
+    """One of ``{grid: [v, ...]}``, ``{choice: [v, ...]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (hi exclusive) or
+    ``{quniform: [lo, hi, q]}``."""
+
+    grid: list[SweepValue] | None = Field(default=None, min_length=1, max_length=64)
+    choice: list[SweepValue] | None = Field(default=None, min_length=1, max_length=64)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+    quniform: tuple[float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [name for name in DISTRIBUTIONS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)} (got {given})")
+        bounds = self.uniform or self.loguniform or self.randint or self.quniform
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"the lower bound must be below the upper bound, got {bounds}")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds must be positive")
+        if self.quniform is not None and self.quniform[2] <= 0:
+            raise ValueError("the quniform step must be positive")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in DISTRIBUTIONS if getattr(self, name) is not None)
+
+    def probe_values(self) -> list[SweepValue]:
+        """The values to check against the base spec (all listed values, or the bounds)."""
+        if self.grid is not None or self.choice is not None:
+            return list(self.grid or self.choice or [])
+        if self.randint is not None:
+            return [self.randint[0], self.randint[1] - 1]
+        low, high = (self.uniform or self.loguniform or self.quniform)[:2]  # type: ignore[index]
+        return [low, high]
+
+
+class SchedulerSpec(_Strict):
+    """Early stopping: ``asha`` stops trials whose pre-training loss lags (on epochs)."""
+
+    kind: Literal["none", "asha"] = "none"
+    grace_period: int = Field(default=1, ge=1, le=10_000)
+    reduction_factor: float = Field(default=2.0, gt=1.0, le=16.0)
+
+
+class SweepSpec(_Strict):
+    """An ablation sweep: a base pre-training spec, a search space and named variants."""
+
+    name: Name = "spark-sweep"
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=32)
+    base: PretrainSpec
+    search: dict[str, Distribution] = Field(default_factory=dict, max_length=16)
+    variants: dict[Name, dict[str, SweepValue]] = Field(default_factory=dict, max_length=64)
+    cross_variants: bool = Field(
+        default=True, description="run every variant with every search point (else variants only)"
+    )
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(default=1, ge=1, le=1000)
+    max_concurrent_trials: int = Field(
+        default=0, ge=0, le=1000, description="0 = as resources allow"
+    )
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    metric: Literal[tuple(METRICS)] = "linear_probe_top1"  # type: ignore[valid-type]
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=32
+    )
+    max_failures_per_trial: int = Field(default=0, ge=0, le=10)
+
+    @property
+    def mode(self) -> str:
+        return METRICS[self.metric][0]
+
+    @model_validator(mode="after")
+    def _check_against_base(self, info: ValidationInfo) -> SweepSpec:
+        errors = list(self._sweep_errors(info.context))
+        if errors:
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("sweep_conflict", message), loc=loc, input=value
+                    )
+                    for loc, value, message in errors
+                ],
+            )
+        return self
+
+    def _sweep_errors(self, context: Any):
+        base = self.base.model_dump(mode="json")
+        evaluation = METRICS[self.metric][1]
+        if evaluation and self.base.evaluation.method != evaluation:
+            yield (
+                ("metric",),
+                self.metric,
+                f"needs base.evaluation.method: {evaluation} (it is {self.base.evaluation.method})",
+            )
+        if self.algorithm == "optuna" and any(d.grid is not None for d in self.search.values()):
+            yield (("algorithm",), self.algorithm, "optuna cannot search a grid; use choice")
+        if self.algorithm == "grid" and any(
+            d.grid is None and d.choice is None for d in self.search.values()
+        ):
+            yield (
+                ("algorithm",),
+                self.algorithm,
+                "a grid search needs grid or choice values; use algorithm random or optuna "
+                "for uniform/loguniform/randint/quniform",
+            )
+        for path, distribution in self.search.items():
+            for value in distribution.probe_values():
+                problem = _override_problem(base, {path: value}, context)
+                if problem:
+                    yield (("search", path), value, f"value {value!r}: {problem}")
+        for variant, overrides in self.variants.items():
+            problem = _override_problem(base, overrides, context)
+            if problem:
+                yield (("variants", variant), overrides, problem)
+        if self.algorithm == "optuna" and (self.variants or len(self.seeds) > 1):
+            yield (
+                ("algorithm",),
+                self.algorithm,
+                "optuna searches one space: drop variants and extra seeds, or use grid/random",
+            )
+        if self.scheduler.kind == "asha" and self.base.optim.epochs < 2:
+            yield (("scheduler", "kind"), "asha", "ASHA needs base.optim.epochs >= 2")
+
+    def trial_spec(
+        self, params: Mapping[str, Any], variant: str | None, seed: int, context: Any = None
+    ) -> PretrainSpec:
+        """The pre-training spec of one trial: base + variant overrides + searched values."""
+        overrides: dict[str, Any] = {}
+        if variant is not None:
+            overrides.update(self.variants[variant])
+        overrides.update(params)
+        data = apply_overrides(self.base.model_dump(mode="json"), overrides)
+        data["seed"] = seed
+        return PretrainSpec.model_validate(data, context=context)
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` with each dotted path in ``overrides`` set (paths must exist)."""
+    import copy
+
+    out = copy.deepcopy(tree)
+    for path, value in overrides.items():
+        node = out
+        parts = path.split(".")
+        for part in parts[:-1]:
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                raise KeyError(path)
+            node = child
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise KeyError(path)
+        node[parts[-1]] = value
+    return out
+
+
+def _override_problem(base: dict[str, Any], overrides: Mapping[str, Any], context: Any) -> str:
+    """Why ``overrides`` cannot apply to the base spec ('' when they can)."""
+    try:
+        data = apply_overrides(base, overrides)
+    except KeyError as error:
+        return (
+            f"{error.args[0]!r} is not a field of the base spec (dotted paths such as "
+            "spark.mask_ratio, spark.decoder_depth, optim.base_lr)"
+        )
+    try:
+        PretrainSpec.model_validate(data, context=context)
+    except ValidationError as error:
+        return "; ".join(f"{field_path(e['loc'])}: {_message(e['msg'])}" for e in error.errors())
+    return ""
+
+
+def parse_sweep(
+    data: Any, *, data_roots: Sequence[Path | str] | None = None, source: str = "sweep spec"
+) -> SweepSpec:
+    """Validate a mapping as a :class:`SweepSpec` (the base and every trial's values)."""
+    context = {"data_roots": list(data_roots)} if data_roots is not None else None
+    if not isinstance(data, Mapping):
+        raise SpecError([("", f"expected a mapping of fields, got {type(data).__name__}")], source)
+    try:
+        return SweepSpec.model_validate(data, context=context)
+    except ValidationError as error:
+        raise SpecError.from_validation_error(error, source) from None
+
+
+def load_sweep(path: str | Path, *, data_roots: Sequence[Path | str] | None = None) -> SweepSpec:
+    return parse_sweep(read_spec_file(path), data_roots=data_roots, source=str(path))

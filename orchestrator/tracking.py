@@ -120,31 +120,60 @@ def environment_tags(spec: PretrainSpec) -> dict[str, str]:
     return tags
 
 
-def open_job_run(
-    spec: PretrainSpec, job_id: str, settings: OrchestratorSettings
+def open_run(
+    settings: OrchestratorSettings,
+    *,
+    job_id: str,
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, str],
+    document: dict[str, Any],
+    document_name: str = "spec",
 ) -> tuple[RunRef, bool]:
-    """Create the job's run, or reopen it when the job ran before; returns (run, reopened).
+    """Create the run of ``job_id``, or reopen it when the job ran before.
 
-    A new run gets the spec as ``spec.yaml``/``spec.json`` artifacts, as flattened params
-    and its tags (``spec.tags`` under their own names, plus environment tags).
+    Returns ``(run, reopened)``. A new run gets ``tags``, ``params`` and the document as
+    ``<document_name>/<document_name>.yaml`` and ``.json`` artifacts.
     """
     client = client_for(settings.tracking_uri)
-    experiment_name = spec.tracking.experiment or settings.mlflow_experiment
-    experiment_id = ensure_experiment(client, experiment_name, settings)
+    experiment_id = ensure_experiment(client, experiment, settings)
     run_id = find_job_run(client, experiment_id, job_id)
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return RunRef(settings.tracking_uri, experiment_id, run_id), True
-    tags = {JOB_ID_TAG: job_id, **spec.tags, **environment_tags(spec)}
-    run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
+    run = client.create_run(experiment_id, run_name=run_name, tags={JOB_ID_TAG: job_id, **tags})
     run_id = run.info.run_id
-    params = [Param(k, v) for k, v in spec.flat_params().items()]
-    for start in range(0, len(params), _BATCH_LIMIT):
-        client.log_batch(run_id, params=params[start : start + _BATCH_LIMIT])
-    document = spec.model_dump(mode="json")
-    client.log_text(run_id, yaml.safe_dump(document, sort_keys=False), "spec/spec.yaml")
-    client.log_dict(run_id, document, "spec/spec.json")
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), _BATCH_LIMIT):
+        client.log_batch(run_id, params=items[start : start + _BATCH_LIMIT])
+    text = yaml.safe_dump(document, sort_keys=False)
+    client.log_text(run_id, text, f"{document_name}/{document_name}.yaml")
+    client.log_dict(run_id, document, f"{document_name}/{document_name}.json")
     return RunRef(settings.tracking_uri, experiment_id, run_id), False
+
+
+def open_job_run(
+    spec: PretrainSpec,
+    job_id: str,
+    settings: OrchestratorSettings,
+    *,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> tuple[RunRef, bool]:
+    """The MLflow run of a pre-training job (nested under ``parent_run_id`` in a sweep)."""
+    tags = {**spec.tags, **environment_tags(spec), **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return open_run(
+        settings,
+        job_id=job_id,
+        experiment=spec.tracking.experiment or settings.mlflow_experiment,
+        run_name=spec.name,
+        tags=tags,
+        params=spec.flat_params(),
+        document=spec.model_dump(mode="json"),
+    )
 
 
 def end_run(ref: RunRef, status: str) -> None:
@@ -276,3 +305,13 @@ def export_encoder_artifact(tracking_uri: str, run_id: str, out: Path) -> Path:
         local = client.download_artifacts(run_id, weights[0], folder)
         shutil.move(local, target)
     return target
+
+
+def find_children(ref: RunRef) -> list[Any]:
+    """The runs nested under ``ref`` (a sweep's trials)."""
+    client = client_for(ref.tracking_uri)
+    return client.search_runs(
+        [ref.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{ref.run_id}'",
+        max_results=5000,
+    )

@@ -103,7 +103,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTestClu
     import ray
     from ray.cluster_utils import Cluster
 
-    from orchestrator.cluster import configure_ray_auth
+    from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS, configure_ray_auth
     from orchestrator.settings import OrchestratorSettings
 
     home = tmp_path_factory.mktemp("sparkorch-home")
@@ -115,6 +115,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTestClu
         connect=True,
         head_node_args={
             "num_cpus": 4,
+            "resources": {TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
             "gcs_server_port": free_port(),
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",

@@ -85,6 +85,16 @@ def find_run(cluster: RayTestCluster, job_id: str) -> Any:
     return runs[0] if runs else None
 
 
+def checkpoint_registered(cluster: RayTestCluster, job_id: str) -> bool:
+    """Ray Train's controller has recorded at least one checkpoint of the job (the snapshot
+    it restores from), not merely a worker having written one."""
+    snapshot = Path(cluster.settings.storage_path) / job_id / "checkpoint_manager_snapshot.json"
+    try:
+        return "epoch-0" in snapshot.read_text()
+    except OSError:
+        return False
+
+
 def latest_step(cluster: RayTestCluster, job_id: str) -> int:
     run = find_run(cluster, job_id)
     return int(run.data.metrics.get("train/step", 0)) if run is not None else 0
@@ -215,7 +225,13 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(
     thread = threading.Thread(target=run)
     thread.start()
     # After the first checkpoint (end of epoch 1, step 4), kill one worker process.
-    wait_for(lambda: latest_step(ray_cluster, job_id) >= STEPS_PER_EPOCH + 2, timeout=180)
+    wait_for(
+        lambda: (
+            checkpoint_registered(ray_cluster, job_id)
+            and latest_step(ray_cluster, job_id) >= STEPS_PER_EPOCH + 2
+        ),
+        timeout=240,
+    )
     pids = _worker_pids()
     assert len(pids) == 2, pids
     os.kill(pids[-1], signal.SIGKILL)
@@ -252,7 +268,10 @@ def test_a_job_stopped_with_sigterm_is_killed_and_resumes_under_the_same_id(
     try:
         wait_for(
             lambda: (
-                latest_step(ray_cluster, job_id) >= 2 * STEPS_PER_EPOCH + 1
+                (
+                    checkpoint_registered(ray_cluster, job_id)
+                    and latest_step(ray_cluster, job_id) >= 2 * STEPS_PER_EPOCH + 1
+                )
                 or process.poll() is not None
             ),
             timeout=240,

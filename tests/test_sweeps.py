@@ -1,0 +1,194 @@
+"""Ablation sweeps: spec validation (fast) and Ray Tune over Ray Train with MLflow (slow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RayTestCluster
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from orchestrator.specs import SpecError, load_sweep, parse_sweep
+from orchestrator.sweeps import run_sweep
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+BASE: dict[str, Any] = {
+    "name": "tiny-trial",
+    "model": {"backbone": "resnet18", "input_size": 64},
+    "spark": {"decoder_width": 64},
+    "data": {"train": {"kind": "synthetic", "count": 64, "size": 64, "classes": 4}},
+    "optim": {"global_batch_size": 16, "epochs": 2, "warmup_epochs": 1, "base_lr": 0.05},
+    "resources": {"num_workers": 1},
+    "evaluation": {"method": "knn"},
+    "tracking": {"reconstruction_every": 0},
+}
+
+
+def sweep_errors(data: dict[str, Any]) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_sweep(data, data_roots=[])
+    return dict(info.value.errors)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_the_examples_validate(tmp_path: Path) -> None:
+    for folder in ("imagenet/train", "imagenet/val", "imagenet100/train", "imagenet100/val"):
+        (tmp_path / folder).mkdir(parents=True)
+    smoke = load_sweep(EXAMPLES / "sweep-smoke.yaml", data_roots=[tmp_path])
+    assert list(smoke.search) == ["spark.mask_ratio", "spark.decoder_depth"]
+    paper = load_sweep(EXAMPLES / "ablation-paper.yaml", data_roots=[tmp_path])
+    assert paper.variants["random-init"] == {"optim.epochs": 0}
+    assert {"dense-masking", "single-scale", "no-mask-token"} <= set(paper.variants)
+    search = load_sweep(EXAMPLES / "search-mask-ratio.yaml", data_roots=[tmp_path])
+    assert search.algorithm == "optuna" and search.scheduler.kind == "asha"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"search": {"spark.nope": {"grid": [1]}}}, "search.spark.nope", "not a field"),
+        ({"search": {"model": {"grid": [1]}}}, "search.model", "not a field"),
+        ({"search": {"spark.mask_ratio": {"grid": [0.5, 1.2]}}}, "search.spark.mask_ratio", "1.2"),
+        (
+            {"search": {"spark.hierarchy": {"choice": [1, 5]}}, "algorithm": "random"},
+            "search.spark.hierarchy",
+            "less than or equal to 4",
+        ),
+        (
+            {"search": {"spark.mask_ratio": {"uniform": [0.9, 0.4]}}, "algorithm": "random"},
+            "search.spark.mask_ratio",
+            "lower bound",
+        ),
+        (
+            {"search": {"spark.mask_ratio": {"grid": [0.5], "choice": [0.6]}}},
+            "search.spark.mask_ratio",
+            "exactly one",
+        ),
+        (
+            {"search": {"spark.mask_ratio": {"normal": [0, 1]}}},
+            "search.spark.mask_ratio.normal",
+            "",
+        ),
+        ({"search": {"spark.mask_ratio": {"uniform": [0.4, 0.8]}}}, "algorithm", "grid search"),
+        ({"variants": {"bad": {"spark.decoder_depth": 0}}}, "variants.bad", "decoder_depth"),
+        ({"variants": {"bad": {"optim.nope": 1}}}, "variants.bad", "not a field"),
+        ({"metric": "linear_probe_top1"}, "metric", "evaluation.method: linear_probe"),
+        (
+            {"algorithm": "optuna", "search": {"spark.mask_ratio": {"grid": [0.4]}}},
+            "algorithm",
+            "optuna cannot search a grid",
+        ),
+        (
+            {
+                "scheduler": {"kind": "asha"},
+                "base": {**BASE, "optim": {**BASE["optim"], "epochs": 1}},
+            },
+            "scheduler.kind",
+            "epochs >= 2",
+        ),
+    ],
+)
+def test_invalid_sweeps_are_rejected_naming_the_path(
+    overrides: dict[str, Any], field: str, message: str
+) -> None:
+    data = {"base": BASE, "metric": "knn_top1", **overrides}
+    errors = sweep_errors(data)
+    assert field in errors, errors
+    assert message in errors[field]
+
+
+def test_trial_spec_applies_variant_then_search_then_seed() -> None:
+    sweep = parse_sweep(
+        {
+            "base": BASE,
+            "metric": "knn_top1",
+            "search": {"spark.mask_ratio": {"grid": [0.4, 0.75]}},
+            "variants": {"dense": {"spark.sparse": False, "spark.mask_ratio": 0.5}},
+        },
+        data_roots=[],
+    )
+    spec = sweep.trial_spec({"spark.mask_ratio": 0.75}, "dense", seed=7)
+    assert (spec.spark.sparse, spec.spark.mask_ratio, spec.seed) == (False, 0.75, 7)
+    assert spec.model == sweep.base.model
+
+
+# ---------------------------------------------------------------------------- on Ray
+
+
+def children(cluster: RayTestCluster, parent_run_id: str) -> list:
+    client = MlflowClient(cluster.settings.tracking_uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    return client.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+
+
+@pytest.mark.slow
+def test_grid_sweep_gives_nested_runs_a_table_and_a_plot(
+    ray_cluster: RayTestCluster, tmp_path: Path
+) -> None:
+    sweep = parse_sweep(
+        {
+            "name": "grid-2x2",
+            "base": BASE,
+            "metric": "knn_top1",
+            "search": {
+                "spark.mask_ratio": {"grid": [0.4, 0.75]},
+                "spark.decoder_depth": {"grid": [1, 2]},
+            },
+            "max_concurrent_trials": 2,
+        },
+        data_roots=ray_cluster.settings.allowed_data_roots,
+    )
+    result = run_sweep(sweep, job_id="sweep-grid", settings=ray_cluster.settings)
+    assert result.status == "FINISHED"
+    assert len(result.records) == 4
+    assert {(r["spark.mask_ratio"], r["spark.decoder_depth"]) for r in result.records} == {
+        (0.4, 1),
+        (0.4, 2),
+        (0.75, 1),
+        (0.75, 2),
+    }
+    assert all(r["status"] == "FINISHED" and r["epochs"] == 2 for r in result.records)
+    assert all(0 <= r["knn_top1"] <= 100 for r in result.records)
+
+    runs = children(ray_cluster, result.run_id)
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.params["spark.decoder_depth"] for r in runs} == {"1", "2"}
+    client = MlflowClient(ray_cluster.settings.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sparkorch.best_run_id"] in {r.info.run_id for r in runs}
+    folder = Path(client.download_artifacts(result.run_id, "results", str(tmp_path)))
+    table = (folder / "table.md").read_text().splitlines()
+    assert len(table) == 2 + 4 and "knn_top1" in table[0]
+    assert (folder / "table.csv").read_text().count("\n") == 5
+    with Image.open(folder / "metric.png") as picture:
+        assert picture.size[0] > 300
+    best = {a.path for a in client.list_artifacts(result.run_id, "best")}
+    assert best == {"best/spec", "best/encoder"}
+
+
+@pytest.mark.slow
+def test_variant_sweep_reports_the_random_init_row(ray_cluster: RayTestCluster) -> None:
+    sweep = parse_sweep(
+        {
+            "name": "variants",
+            "base": BASE,
+            "metric": "knn_top1",
+            "variants": {"reference": {}, "random-init": {"optim.epochs": 0}},
+            "max_concurrent_trials": 2,
+        },
+        data_roots=ray_cluster.settings.allowed_data_roots,
+    )
+    result = run_sweep(sweep, job_id="sweep-variants", settings=ray_cluster.settings)
+    rows = {r["variant"]: r for r in result.records}
+    assert set(rows) == {"reference", "random-init"}
+    assert rows["random-init"]["epochs"] == 0 and rows["reference"]["epochs"] == 2
+    assert all(r["status"] == "FINISHED" for r in rows.values())
+    assert 0 <= rows["random-init"]["knn_top1"] <= 100

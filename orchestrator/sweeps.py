@@ -107,8 +107,10 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         extra_tags={TRIAL_TAG: trial_id, VARIANT_TAG: variant or ""},
         trainer_callbacks=[TuneReportCallback()],
     )
+    final_loss = result.metrics.get("final/loss", math.nan)
     final = {
-        "final_loss": result.metrics.get("final/loss", math.nan),
+        "loss": final_loss,  # the scheduler's metric must be in every report
+        "final_loss": final_loss,
         "epoch": result.epochs,
         "trial_run_id": result.run_id,
         "trial_wall_time_s": result.wall_time_s,
@@ -319,7 +321,9 @@ def _tuner(sweep: SweepSpec, job_id: str, ref: RunRef, settings: OrchestratorSet
             time_attr="epoch",
             metric="loss",
             mode="min",
-            max_t=sweep.base.optim.epochs,
+            # Past the last epoch: at max_t ASHA stops every trial, which would cut off the
+            # trial's evaluation and final report.
+            max_t=sweep.base.optim.epochs + 1,
             grace_period=sweep.scheduler.grace_period,
             reduction_factor=sweep.scheduler.reduction_factor,
         )
@@ -351,6 +355,22 @@ def _close_orphan_children(ref: RunRef) -> None:
     client = client_for(ref.tracking_uri)
     for child in find_children(ref):
         if child.info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(child.info.run_id, status="KILLED")
+
+
+def _mark_stopped_trials(ref: RunRef, results: Any) -> None:
+    """A trial the scheduler stopped was interrupted mid-run (its run may read FAILED or
+    RUNNING): it was stopped on purpose, so its run ends KILLED."""
+    stopped = {
+        (r.metrics or {}).get("trial_id")
+        for r in results
+        if _trial_status(r) == "STOPPED" and (r.metrics or {}).get("trial_id")
+    }
+    if not stopped:
+        return
+    client = client_for(ref.tracking_uri)
+    for child in find_children(ref):
+        if child.data.tags.get(TRIAL_TAG) in stopped:
             client.set_terminated(child.info.run_id, status="KILLED")
 
 
@@ -419,6 +439,7 @@ def run_sweep(
         with ray_session(settings):
             results = fit_interruptibly(_tuner(sweep, job_id, ref, settings))
         _close_orphan_children(ref)
+        _mark_stopped_trials(ref, results)
         rows = build_rows(sweep, results)
         columns, records = _log_table(sweep, ref, rows)
         best_row = _best(sweep, rows)

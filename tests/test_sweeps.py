@@ -192,3 +192,100 @@ def test_variant_sweep_reports_the_random_init_row(ray_cluster: RayTestCluster) 
     assert rows["random-init"]["epochs"] == 0 and rows["reference"]["epochs"] == 2
     assert all(r["status"] == "FINISHED" for r in rows.values())
     assert 0 <= rows["random-init"]["knn_top1"] <= 100
+
+
+@pytest.mark.slow
+def test_asha_stops_a_lagging_trial_and_ends_its_run(ray_cluster: RayTestCluster) -> None:
+    """Two trials in sequence at an lr too small to learn: the first keeps its loss near 1.0
+    (per-patch normalised target), the second (loss on raw pixels, about 1.3 here) lags it
+    at the first rung, so ASHA (reduction factor 2) must stop it."""
+    base = {**BASE, "optim": {**BASE["optim"], "epochs": 3, "base_lr": 1e-5}}
+    sweep = parse_sweep(
+        {
+            "name": "asha",
+            "base": base,
+            "metric": "knn_top1",
+            "search": {"spark.norm_pix_loss": {"grid": [True, False]}},
+            "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+            "max_concurrent_trials": 1,
+        },
+        data_roots=ray_cluster.settings.allowed_data_roots,
+    )
+    result = run_sweep(sweep, job_id="sweep-asha", settings=ray_cluster.settings)
+    rows = {r["spark.norm_pix_loss"]: r for r in result.records}
+    assert rows[True]["status"] == "FINISHED" and rows[True]["epochs"] == 3
+    assert rows[False]["status"] == "STOPPED" and rows[False]["epochs"] < 3
+    runs = {r.data.params["spark.norm_pix_loss"]: r for r in children(ray_cluster, result.run_id)}
+    assert runs["True"].info.status == "FINISHED"
+    assert runs["False"].info.status == "KILLED"  # not left RUNNING
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(
+    ray_cluster: RayTestCluster, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    data = {
+        "name": "restore",
+        "base": {**BASE, "optim": {**BASE["optim"], "epochs": 3}},
+        "metric": "knn_top1",
+        "search": {"spark.decoder_depth": {"grid": [1, 2]}},
+        "max_concurrent_trials": 1,
+    }
+    sweep = parse_sweep(data, data_roots=ray_cluster.settings.allowed_data_roots)
+    spec_file = tmp_path / "sweep.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    job_id = "sweep-restore"
+    client = MlflowClient(ray_cluster.settings.tracking_uri)
+
+    def parent_id() -> str | None:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, filter_string=f"tags.job_id = '{job_id}'")
+        return runs[0].info.run_id if runs else None
+
+    def finished_children() -> list:
+        parent = parent_id()
+        if parent is None:
+            return []
+        return [r for r in children(ray_cluster, parent) if r.info.status == "FINISHED"]
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.sweep", "--spec", str(spec_file), "--job-id", job_id],
+        env=ray_cluster.env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not finished_children() and process.poll() is None:
+            assert time.monotonic() < deadline, "no trial finished in time"
+            time.sleep(1)
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(12)  # let Tune write its experiment state after the finished trial
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    first = finished_children()
+    assert len(first) == 1
+    first_run = first[0]
+    steps_before = len(client.get_metric_history(first_run.info.run_id, "train/step"))
+
+    result = run_sweep(sweep, job_id=job_id, settings=ray_cluster.settings)
+    assert result.status == "FINISHED" and len(result.records) == 2
+    assert all(r["status"] == "FINISHED" for r in result.records)
+    runs = children(ray_cluster, result.run_id)
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    # The finished trial was not run again: its run got no new steps.
+    after = client.get_run(first_run.info.run_id)
+    assert after.info.end_time == first_run.info.end_time
+    assert len(client.get_metric_history(first_run.info.run_id, "train/step")) == steps_before

@@ -123,6 +123,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _raise_conflicts(title: str, kind: str, errors: Sequence[tuple[tuple, Any, str]]) -> None:
+    """Raise the ``(location, value, message)`` cross-field errors at their field paths."""
+    if errors:
+        raise ValidationError.from_exception_data(
+            title,
+            [
+                InitErrorDetails(type=PydanticCustomError(kind, message), loc=loc, input=value)
+                for loc, value, message in errors
+            ],
+        )
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -337,16 +349,7 @@ class PretrainSpec(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> PretrainSpec:
         errors = list(self._cross_field_errors())
-        if errors:
-            raise ValidationError.from_exception_data(
-                type(self).__name__,
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError("spec_conflict", message), loc=loc, input=value
-                    )
-                    for loc, value, message in errors
-                ],
-            )
+        _raise_conflicts(type(self).__name__, "spec_conflict", errors)
         return self
 
     def _cross_field_errors(self):
@@ -575,16 +578,7 @@ class SweepSpec(_Strict):
     @model_validator(mode="after")
     def _check_against_base(self, info: ValidationInfo) -> SweepSpec:
         errors = list(self._sweep_errors(info.context))
-        if errors:
-            raise ValidationError.from_exception_data(
-                type(self).__name__,
-                [
-                    InitErrorDetails(
-                        type=PydanticCustomError("sweep_conflict", message), loc=loc, input=value
-                    )
-                    for loc, value, message in errors
-                ],
-            )
+        _raise_conflicts(type(self).__name__, "sweep_conflict", errors)
         return self
 
     def _sweep_errors(self, context: Any):

@@ -75,59 +75,89 @@ def run_link(settings: OrchestratorSettings, experiment_id: str, run_id: str) ->
     return f"run `sparkctl ui`, then open http://127.0.0.1:5000/{path}"
 
 
-class _ProgressLine:
-    """Writes the progress on one line of stderr (redrawn in place on a terminal)."""
+class _LiveText:
+    """Shows the latest text block on stderr: redrawn in place on a terminal, appended
+    (only when it changed) otherwise."""
 
     def __init__(self) -> None:
         self.interactive = sys.stderr.isatty()
         self.last = ""
 
-    def __call__(self, progress: Any) -> None:
-        line = progress.line()
-        if line == self.last:
+    def __call__(self, text: str) -> None:
+        if text == self.last:
             return
-        self.last = line
-        sys.stderr.write(("\r\033[K" + line) if self.interactive else line + "\n")
+        if self.interactive and self.last:
+            lines = self.last.count("\n") + 1
+            # Cursor to the start of the previous block, clear to the end of the screen.
+            sys.stderr.write(f"\r\033[{lines - 1}F\033[J" if lines > 1 else "\r\033[K")
+        elif self.last:
+            sys.stderr.write("\n")
+        sys.stderr.write(text)
         sys.stderr.flush()
+        self.last = text
 
     def close(self) -> None:
-        if self.interactive and self.last:
+        if self.last:
             sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.last = ""
+
+
+def _live_view(kind: str, spec: Any, ref: Any) -> Any:
+    """What ``sparkctl`` redraws while a job runs: a progress line, or the trial table."""
+    from orchestrator.progress import format_table, read_progress, read_trials
+
+    if kind == "sweep":
+        return lambda: format_table(read_trials(ref, list(spec.search)))
+    return lambda: read_progress(ref).line()
+
+
+def _run_and_follow(
+    args: argparse.Namespace, settings: OrchestratorSettings, kind: str, spec: Any
+) -> Any:
+    """Run the job in-process with a live view; exits 130 on Ctrl-C / SIGTERM."""
+    from orchestrator.pretrain import JobCancelled, exit_after_cancel
+    from orchestrator.progress import Poller
+    from orchestrator.runner import get_kind, run_job
+
+    live = _LiveText()
+    pollers: list[Poller] = []
+    label = get_kind(kind).run_label
+
+    def follow(job_id: str, ref: Any) -> None:
+        sys.stderr.write(f"{kind} job {job_id}: MLflow {label} {ref.run_id}\n")
+        if not args.json:
+            pollers.append(Poller(_live_view(kind, spec, ref), live, interval=args.poll).start())
+
+    try:
+        return run_job(kind, spec, job_id=args.job_id, settings=settings, on_run_open=follow)
+    except (JobCancelled, KeyboardInterrupt):
+        _stop(pollers, live)
+        print(f"cancelled; the MLflow {label} is marked KILLED", file=sys.stderr)
+        exit_after_cancel(EXIT_CANCELLED)
+    finally:
+        _stop(pollers, live)
+
+
+def _stop(pollers: list[Any], live: _LiveText) -> None:
+    for poller in pollers:
+        poller.stop()
+    pollers.clear()
+    live.close()
+
+
+def _failed(args: argparse.Namespace, error: Exception) -> int:
+    logging.getLogger(__name__).debug("job failed", exc_info=True)
+    _emit(args, {"status": "FAILED", "error": str(error)}, f"FAILED: {error}")
+    return EXIT_FAILED
 
 
 def cmd_pretrain(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    from orchestrator.pretrain import (
-        JobCancelled,
-        cancel_on_sigterm,
-        exit_after_cancel,
-        run_pretrain,
-    )
-    from orchestrator.progress import ProgressPoller
-
     spec = _load(args, settings)
-    line = _ProgressLine()
-    pollers: list[ProgressPoller] = []
-
-    def follow(job_id: str, ref: Any) -> None:
-        sys.stderr.write(f"job {job_id}: MLflow run {ref.run_id}\n")
-        if not args.json:
-            pollers.append(ProgressPoller(ref, line, interval=args.poll).start())
-
     try:
-        with cancel_on_sigterm():
-            result = run_pretrain(spec, job_id=args.job_id, settings=settings, on_run_open=follow)
-    except (JobCancelled, KeyboardInterrupt):
-        line.close()
-        print("cancelled; the MLflow run is marked KILLED", file=sys.stderr)
-        exit_after_cancel(EXIT_CANCELLED)
-    except Exception as error:  # reported, the run is already marked FAILED
-        logging.getLogger(__name__).debug("job failed", exc_info=True)
-        _emit(args, {"status": "FAILED", "error": str(error)}, f"FAILED: {error}")
-        return EXIT_FAILED
-    finally:
-        for poller in pollers:
-            poller.stop()
-        line.close()
+        result = _run_and_follow(args, settings, "pretrain", spec)
+    except Exception as error:  # reported; the run is already marked FAILED
+        return _failed(args, error)
     link = run_link(settings, result.experiment_id, result.run_id)
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
     _emit(
@@ -143,33 +173,13 @@ def cmd_pretrain(args: argparse.Namespace, settings: OrchestratorSettings) -> in
 
 
 def cmd_sweep(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    from orchestrator.pretrain import JobCancelled, cancel_on_sigterm, exit_after_cancel
-    from orchestrator.progress import format_table, read_trials
-    from orchestrator.sweeps import run_sweep
-
-    sweep = load_sweep(args.spec, data_roots=settings.allowed_data_roots)
-    pollers: list[Any] = []
-
-    def follow(job_id: str, ref: Any) -> None:
-        sys.stderr.write(f"sweep {job_id}: MLflow parent run {ref.run_id}\n")
-        if not args.json:
-            pollers.append(_TablePoller(lambda: format_table(read_trials(ref, list(sweep.search)))))
-            pollers[-1].start()
-
-    try:
-        with cancel_on_sigterm():
-            result = run_sweep(sweep, job_id=args.job_id, settings=settings, on_run_open=follow)
-    except (JobCancelled, KeyboardInterrupt):
-        print("cancelled; the MLflow parent run is marked KILLED", file=sys.stderr)
-        exit_after_cancel(EXIT_CANCELLED)
-    except Exception as error:  # reported; the parent run is already marked FAILED
-        _emit(args, {"status": "FAILED", "error": str(error)}, f"FAILED: {error}")
-        return EXIT_FAILED
-    finally:
-        for poller in pollers:
-            poller.stop()
     from orchestrator.sweeps import to_markdown
 
+    sweep = load_sweep(args.spec, data_roots=settings.allowed_data_roots)
+    try:
+        result = _run_and_follow(args, settings, "sweep", sweep)
+    except Exception as error:  # reported; the parent run is already marked FAILED
+        return _failed(args, error)
     link = run_link(settings, result.experiment_id, result.run_id)
     best = result.best or {}
     _emit(
@@ -180,37 +190,6 @@ def cmd_sweep(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
         f"best: {best}\nMLflow parent run {result.run_id}: {link}",
     )
     return 0
-
-
-class _TablePoller:
-    """Redraws the trial table on stderr every few seconds while the sweep runs."""
-
-    def __init__(self, render: Any, interval: float = 5.0) -> None:
-        import threading
-
-        self.render = render
-        self.interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._last = ""
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval + 5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                table = self.render()
-            except Exception:  # a missed refresh must not stop the sweep
-                continue
-            if table != self._last:
-                self._last = table
-                sys.stderr.write(f"\n{table}\n")
-                sys.stderr.flush()
 
 
 def cmd_export(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
@@ -267,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run an ablation sweep (Ray Tune)")
     sweep.add_argument("spec", help="YAML or JSON SweepSpec")
     sweep.add_argument("--job-id", help="resume/name the sweep (default: a new UUID)")
+    sweep.add_argument("--poll", type=float, default=5.0, help="seconds between updates")
     sweep.set_defaults(run=cmd_sweep)
 
     export = sub.add_parser("export", help="download a run's encoder weights")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from orchestrator.tracking import GLOBAL_BATCH_TAG, TOTAL_STEPS_TAG, RunRef, client_for
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,19 +72,20 @@ def read_progress(ref: RunRef) -> Progress:
     )
 
 
-class ProgressPoller:
-    """Calls ``callback(progress)`` every ``interval`` seconds from a daemon thread."""
+class Poller(Generic[T]):
+    """Calls ``callback(read())`` every ``interval`` seconds from a daemon thread (a failed
+    read is skipped: a missed refresh must not stop the job being watched)."""
 
     def __init__(
-        self, ref: RunRef, callback: Callable[[Progress], None], interval: float = 2.0
+        self, read: Callable[[], T], callback: Callable[[T], None], interval: float = 2.0
     ) -> None:
-        self.ref = ref
+        self.read = read
         self.callback = callback
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="progress-poller", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="poller", daemon=True)
 
-    def start(self) -> ProgressPoller:
+    def start(self) -> Poller[T]:
         self._thread.start()
         return self
 
@@ -91,10 +96,11 @@ class ProgressPoller:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                progress = read_progress(self.ref)
-            except Exception:  # a missed poll must not stop the job
+                value = self.read()
+            except Exception:
+                logger.debug("poll failed", exc_info=True)
                 continue
-            self.callback(progress)
+            self.callback(value)
 
 
 def read_trials(ref: RunRef, params: list[str]) -> list[dict[str, Any]]:

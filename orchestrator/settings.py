@@ -64,6 +64,36 @@ class OrchestratorSettings(BaseSettings):
     ray_num_cpus: int | None = Field(
         default=None, ge=1, description="logical CPUs of a local Ray cluster (default: all)"
     )
+    ray_dashboard_url: str = Field(
+        default="http://127.0.0.1:8265",
+        description="Ray dashboard (Job Submission API) the REST service submits jobs to",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="job store: a SQLAlchemy URL such as postgresql+psycopg://user@host/db "
+        "(default: sqlite:///$SPARKORCH_HOME/jobs.db)",
+    )
+    api_host: str = Field(default="127.0.0.1", description="address the REST service binds")
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    api_tokens_file: Path | None = Field(
+        default=None,
+        description="JSON {owner: sha256 hex of the token} (default: "
+        "$SPARKORCH_HOME/api-tokens.json)",
+    )
+    api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    api_rate_limit_per_s: float = Field(
+        default=50.0, gt=0, description="sustained requests per second per owner"
+    )
+    api_rate_burst: int = Field(default=100, ge=1)
+    quota_active_jobs: int = Field(
+        default=4, ge=1, description="jobs one owner may have queued or running at once"
+    )
+    quota_workers_per_job: int = Field(default=16, ge=1)
+    quota_gpus_per_job: float = Field(default=16, ge=0)
+    max_submissions: int = Field(
+        default=3, ge=1, description="times a job is submitted to Ray when Ray loses it"
+    )
+    reconcile_interval_s: float = Field(default=2.0, gt=0)
 
     @field_validator("data_roots", mode="before")
     @classmethod
@@ -102,6 +132,14 @@ class OrchestratorSettings(BaseSettings):
     def dataset_cache(self) -> Path:
         """Where synthetic datasets are generated (on each node that needs them)."""
         return self.home / "datasets"
+
+    @property
+    def job_store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'jobs.db'}"
+
+    @property
+    def tokens_file(self) -> Path:
+        return (self.api_tokens_file or self.home / "api-tokens.json").expanduser().resolve()
 
     @property
     def token_path(self) -> Path:

@@ -87,10 +87,23 @@ def param_space(sweep: SweepSpec) -> dict[str, Any]:
     return space
 
 
+def _epoch_reporter(metric: str) -> Any:
+    """Forwards rank 0's per-epoch reports to Tune. The sweep's metric only exists once the
+    trial has been evaluated, but a search algorithm (Optuna) reads it from every report:
+    epoch reports carry it as NaN until then."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReporter(TuneReportCallback):
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            metrics = [{metric: math.nan, **m} for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReporter()
+
+
 def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     """One trial (runs inside Tune's trial actor): pre-train, evaluate, report."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     settings = OrchestratorSettings(**context["settings"])
     roots = [str(p) for p in settings.allowed_data_roots]
@@ -105,7 +118,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         settings=settings,
         parent_run_id=context["parent_run_id"],
         extra_tags={TRIAL_TAG: trial_id, VARIANT_TAG: variant or ""},
-        trainer_callbacks=[TuneReportCallback()],
+        trainer_callbacks=[_epoch_reporter(sweep.metric)],
     )
     final_loss = result.metrics.get("final/loss", math.nan)
     final = {

@@ -289,3 +289,67 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(
     after = client.get_run(first_run.info.run_id)
     assert after.info.end_time == first_run.info.end_time
     assert len(client.get_metric_history(first_run.info.run_id, "train/step")) == steps_before
+
+
+@pytest.mark.slow
+def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestCluster) -> None:
+    """Optuna samples two trials; the first trial's driver process is killed mid-training and
+    ``max_failures_per_trial`` lets Tune run it again: it resumes its own MLflow run."""
+    import os
+    import signal
+    import threading
+
+    from ray.util.state import list_actors
+
+    sweep = parse_sweep(
+        {
+            "name": "optuna-retry",
+            "base": {**BASE, "optim": {**BASE["optim"], "epochs": 3}},
+            "metric": "knn_top1",
+            "search": {
+                "spark.mask_ratio": {"uniform": [0.5, 0.8]},
+                "spark.decoder_depth": {"choice": [1, 2]},
+            },
+            "algorithm": "optuna",
+            "num_samples": 2,
+            "max_concurrent_trials": 1,
+            "max_failures_per_trial": 1,
+        },
+        data_roots=ray_cluster.settings.allowed_data_roots,
+    )
+    client = MlflowClient(ray_cluster.settings.tracking_uri)
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_first_trial_driver() -> None:
+        while not done.wait(1):
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                filter_string="tags.job_id LIKE 'sweep-optuna-%'",
+            )
+            if not any(r.data.metrics.get("train/epoch", 0) >= 1 for r in runs):
+                continue
+            actors = list_actors(
+                filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")],
+                raise_on_missing_output=False,
+            )
+            if actors and actors[0].pid:
+                os.kill(actors[0].pid, signal.SIGKILL)
+                killed.append(actors[0].pid)
+                return
+
+    watcher = threading.Thread(target=kill_first_trial_driver, daemon=True)
+    watcher.start()
+    try:
+        result = run_sweep(sweep, job_id="sweep-optuna", settings=ray_cluster.settings)
+    finally:
+        done.set()
+        watcher.join(timeout=30)
+    assert killed, "the trial driver was never killed"
+    assert result.status == "FINISHED" and len(result.records) == 2
+    assert all(r["status"] == "FINISHED" and r["epochs"] == 3 for r in result.records)
+    assert all(0.5 <= r["spark.mask_ratio"] <= 0.8 for r in result.records)
+    assert {r["spark.decoder_depth"] for r in result.records} <= {1, 2}
+    runs = children(ray_cluster, result.run_id)
+    assert len(runs) == 2, "the retried trial must reopen its run, not start another"
+    assert all(r.info.status == "FINISHED" for r in runs)

@@ -68,13 +68,14 @@ jobs_table = sa.Table(
     sa.Column("started_at", sa.DateTime(timezone=True)),
     sa.Column("finished_at", sa.DateTime(timezone=True)),
     sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+    sa.Index("ix_jobs_owner_created", "owner", "created_at"),
+    sa.Index("ix_jobs_state", "state"),
 )
 
 
 def _create_jobs(conn: Connection) -> None:
+    # Later migrations alter this table step by step; version 1 is the table as first shipped.
     jobs_table.create(conn)
-    sa.Index("ix_jobs_owner_created", jobs_table.c.owner, jobs_table.c.created_at).create(conn)
-    sa.Index("ix_jobs_state", jobs_table.c.state).create(conn)
 
 
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
@@ -347,7 +348,10 @@ def new_job(
     num_workers: int,
     num_gpus: float,
     idempotency_key: str | None = None,
+    submitted_document: dict[str, Any] | None = None,
 ) -> Job:
+    """A QUEUED job. The idempotency hash covers ``submitted_document`` (what the client
+    sent) when given, else the stored spec."""
     now = utcnow()
     return Job(
         id=job_id,
@@ -356,7 +360,7 @@ def new_job(
         owner=owner,
         state="QUEUED",
         spec=spec,
-        request_hash=request_hash(kind, spec),
+        request_hash=request_hash(kind, spec if submitted_document is None else submitted_document),
         num_workers=num_workers,
         num_gpus=num_gpus,
         created_at=now,

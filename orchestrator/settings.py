@@ -94,6 +94,10 @@ class OrchestratorSettings(BaseSettings):
         default=3, ge=1, description="times a job is submitted to Ray when Ray loses it"
     )
     reconcile_interval_s: float = Field(default=2.0, gt=0)
+    job_python: str | None = Field(
+        default=None,
+        description="Python interpreter of Ray job drivers (default: the service's own)",
+    )
 
     @field_validator("data_roots", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class RayTestCluster:
     cluster: Any
     settings: Any
     token_path: Path
+    dashboard_url: str
 
     @property
     def address(self) -> str:
@@ -110,6 +112,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTestClu
     (home / "data").mkdir()
     settings = OrchestratorSettings(home=home, ray_address=None)
     token = configure_ray_auth(settings)
+    dashboard_port = free_port()
     cluster = Cluster(
         initialize_head=True,
         connect=True,
@@ -119,13 +122,86 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTestClu
             "gcs_server_port": free_port(),
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
-            "dashboard_port": free_port(),
+            "dashboard_port": dashboard_port,
             "object_store_memory": 256 * 1024 * 1024,
         },
     )
-    settings = OrchestratorSettings(home=home, ray_address=cluster.address)
+    dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    settings = OrchestratorSettings(
+        home=home, ray_address=cluster.address, ray_dashboard_url=dashboard_url
+    )
     try:
-        yield RayTestCluster(cluster, settings, token)
+        yield RayTestCluster(cluster, settings, token, dashboard_url)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (127.0.0.1:5432) for one test, dropped afterwards."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"sparkorch_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The job store on both backends the service supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+class ApiServer:
+    """The real REST app served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, settings: Any, *, reconcile: bool = True) -> None:
+        import uvicorn
+
+        from api.app import create_app
+
+        self.settings = settings
+        self.app = create_app(settings, reconcile=reconcile)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ApiServer:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the API did not start"
+            assert self.thread.is_alive(), "the API thread died while starting"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self, token: str | None) -> Any:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)

@@ -1,0 +1,52 @@
+"""FastAPI dependencies: settings, the job service, the authenticated owner."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.auth import TokenRegistry
+from api.limits import RateLimiter, retry_after
+from api.problems import ProblemException
+from api.service import JobService
+from orchestrator.settings import OrchestratorSettings
+
+bearer = HTTPBearer(auto_error=False, description="an API token (sparkctl: SPARKORCH_TOKEN)")
+
+
+def get_settings(request: Request) -> OrchestratorSettings:
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> JobService:
+    return request.app.state.service
+
+
+def get_owner(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> str:
+    """The token's owner; 401 without a known token, 429 over the owner's rate."""
+    challenge = {"WWW-Authenticate": 'Bearer realm="sparkorch"'}
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ProblemException(401, "send Authorization: Bearer <token>", headers=challenge)
+    registry: TokenRegistry = request.app.state.tokens
+    owner = registry.owner_of(credentials.credentials)
+    if owner is None:
+        raise ProblemException(401, "unknown or revoked token", headers=challenge)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.acquire(owner)
+    if wait > 0:
+        raise ProblemException(
+            429,
+            f"over {limiter.rate:g} requests/s for {owner}; retry later",
+            headers={"Retry-After": retry_after(wait)},
+        )
+    return owner
+
+
+Owner = Annotated[str, Depends(get_owner)]
+Service = Annotated[JobService, Depends(get_service)]
+Settings = Annotated[OrchestratorSettings, Depends(get_settings)]

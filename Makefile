@@ -14,9 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until the REST service exists: the smoke pre-training job through Ray, tracked in MLflow.
+# The embedded stack: local Ray, MLflow UI, the REST API; submits the smoke job; Ctrl-C stops.
 run: $(STAMP)
-	$(BIN)/sparkctl pretrain examples/pretrain-smoke.yaml
+	$(BIN)/python -m api.stack
 
 demo: $(STAMP)
 	$(BIN)/python -m spark_core.demo

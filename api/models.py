@@ -8,7 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 JobKindName = Literal["pretrain", "sweep"]
-JobState = Literal["QUEUED", "SUBMITTING", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+JobState = Literal[
+    "HELD", "QUEUED", "SUBMITTING", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+]
 
 
 class JobCreate(BaseModel):
@@ -19,6 +21,9 @@ class JobCreate(BaseModel):
     kind: JobKindName = Field(description="pretrain: one PretrainSpec; sweep: one SweepSpec")
     spec: dict[str, Any] = Field(
         description="the spec document (see GET /v1/specs/schema for both JSON Schemas)"
+    )
+    hold: bool = Field(
+        False, description="store the job HELD: it runs after POST /v1/jobs/{id}/release"
     )
 
 

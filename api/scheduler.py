@@ -7,7 +7,8 @@ the job driver comes from the service's own settings, never from the request.
 
 The reconciler runs every ``reconcile_interval_s``; each pass looks at every active job:
 
-* ``QUEUED``: submitted when its owner is under ``quota_active_jobs``.
+* ``HELD``: left alone until released. ``QUEUED``: submitted when its owner has fewer than
+  ``quota_active_jobs`` jobs on Ray.
 * ``SUBMITTING``: the service stopped between writing the state and hearing back from Ray.
   Ray is asked for the submission id: known, the job moves on; unknown, it is submitted
   (it never was). Nothing is ever submitted twice.
@@ -24,7 +25,7 @@ import sys
 import threading
 from typing import Any
 
-from orchestrator.jobstore import ACTIVE_STATES, Job, JobStore
+from orchestrator.jobstore import ACTIVE_STATES, ON_RAY_STATES, Job, JobStore
 from orchestrator.runner import get_kind
 from orchestrator.settings import OrchestratorSettings
 
@@ -186,9 +187,11 @@ class Reconciler:
         running: dict[str, int] = {}
         jobs = self.store.active_jobs()
         for job in jobs:
-            if job.state != "QUEUED":
+            if job.state in ON_RAY_STATES:
                 running[job.owner] = running.get(job.owner, 0) + 1
         for job in jobs:
+            if job.state == "HELD":
+                continue
             if job.state == "QUEUED":
                 if running.get(job.owner, 0) >= self.settings.quota_active_jobs:
                     continue

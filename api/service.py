@@ -39,6 +39,10 @@ class JobFinished(RuntimeError):
     """The job already ended: it cannot be cancelled."""
 
 
+class JobNotHeld(RuntimeError):
+    pass
+
+
 class QuotaExceeded(RuntimeError):
     def __init__(self, message: str, errors: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
@@ -59,7 +63,13 @@ class JobService:
     # ------------------------------------------------------------ writes
 
     def create(
-        self, owner: str, kind: str, spec_document: dict[str, Any], idempotency_key: str | None
+        self,
+        owner: str,
+        kind: str,
+        spec_document: dict[str, Any],
+        idempotency_key: str | None,
+        *,
+        hold: bool = False,
     ) -> tuple[Job, bool]:
         """Validate and store a job (QUEUED); the reconciler submits it.
         Raises SpecError (paths prefixed ``spec.``), QuotaExceeded, QueueFull,
@@ -72,7 +82,7 @@ class JobService:
             ) from None
         workers, gpus = get_kind(kind).size(spec)
         self._check_quota(kind, workers, gpus)
-        if self.store.count_active(owner, ["QUEUED"]) >= MAX_QUEUED_PER_OWNER:
+        if self.store.count_active(owner, ["HELD", "QUEUED"]) >= MAX_QUEUED_PER_OWNER:
             raise QueueFull(f"{MAX_QUEUED_PER_OWNER} jobs are already queued for {owner}")
         job = new_job(
             job_id=str(uuid.uuid4()),
@@ -84,6 +94,7 @@ class JobService:
             num_gpus=gpus,
             idempotency_key=idempotency_key,
             submitted_document=spec_document,
+            hold=hold,
         )
         stored, created = self.store.create(job)
         if created:
@@ -120,9 +131,9 @@ class JobService:
             if job.state == "CANCELLED":
                 return job
             raise JobFinished(f"job {job_id} already ended {job.state}")
-        if job.state == "QUEUED" and self.store.update(
+        if job.state in ("HELD", "QUEUED") and self.store.update(
             job_id,
-            expect_states=["QUEUED"],
+            expect_states=["HELD", "QUEUED"],
             state="CANCELLED",
             cancel_requested=True,
             message="cancelled before it was submitted",
@@ -131,6 +142,14 @@ class JobService:
         self.store.update(job_id, expect_states=ACTIVE_STATES, cancel_requested=True)
         if not self.ray_jobs.stop(job_id) and self.ray_jobs.status(job_id) is None:
             self.store.update(job_id, expect_states=ACTIVE_STATES, state="CANCELLED")
+        self.reconciler.wake()
+        return self.get(owner, job_id)
+
+    def release(self, owner: str, job_id: str) -> Job:
+        """HELD -> QUEUED; releasing a job that is no longer held raises JobNotHeld."""
+        self.get(owner, job_id)
+        if not self.store.update(job_id, expect_states=["HELD"], state="QUEUED", message=None):
+            raise JobNotHeld(f"job {job_id} is not held")
         self.reconciler.wake()
         return self.get(owner, job_id)
 

@@ -7,6 +7,15 @@
     sparkctl schema                   print the spec's JSON Schema
     sparkctl ui                       browse the embedded MLflow store (mlflow ui)
 
+Remote verbs (the REST service at SPARKORCH_API_URL, token in SPARKORCH_TOKEN):
+
+    sparkctl submit SPEC [--wait]     submit a pretrain or sweep spec
+    sparkctl jobs                     list your jobs, newest first
+    sparkctl status ID [--wait]       one job, with its progress
+    sparkctl logs ID [-f]             the job driver's log (follow with -f)
+    sparkctl cancel ID                cancel a job
+    sparkctl results ID               final metrics (sweeps: the results table)
+
 ``--json`` prints one machine-readable JSON document on stdout instead of text.
 Exit codes: 0 done, 1 the job failed, 2 bad input, 130 cancelled.
 """
@@ -18,12 +27,14 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
+from orchestrator.api_client import ApiError
 from orchestrator.settings import OrchestratorSettings, describe_settings_error
 from orchestrator.specs import PretrainSpec, SpecError, load_spec, load_sweep, read_spec_file
 
@@ -192,6 +203,112 @@ def cmd_sweep(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
     return 0
 
 
+def _client(settings: OrchestratorSettings) -> Any:
+    from orchestrator.api_client import ApiClient
+
+    token = settings.token.get_secret_value() if settings.token else None
+    return ApiClient(settings.api_url, token)
+
+
+def _job_line(job: dict[str, Any]) -> str:
+    message = f"  ({job['message']})" if job.get("message") else ""
+    return f"{job['id']}  {job['kind']:<8}  {job['state']:<10}  {job['name']}{message}"
+
+
+def cmd_submit(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    kind = "sweep" if _is_sweep(args.spec) else "pretrain"
+    client = _client(settings)
+    job = client.submit(kind, read_spec_file(args.spec), args.idempotency_key)
+    if not args.wait:
+        _emit(args, job, f"submitted {_job_line(job)}\n  {job['links']['self']}")
+        return 0
+    sys.stderr.write(f"submitted {_job_line(job)}\n")
+    return _wait(args, client, job["id"])
+
+
+def _wait(args: argparse.Namespace, client: Any, job_id: str) -> int:
+    """Follow a job until it ends; the exit code says how it ended."""
+    from orchestrator.api_client import TERMINAL_STATES
+    from orchestrator.progress import Progress
+
+    live = _LiveText()
+    try:
+        while True:
+            job = client.job(job_id)
+            if job["state"] in TERMINAL_STATES:
+                break
+            if not args.json:
+                progress = client.progress(job_id)
+                fields = {k: progress.get(k) for k in Progress.__dataclass_fields__}
+                fields["status"] = job["state"]
+                live(f"{job['state']}: {Progress(**fields).line()}")
+            time.sleep(args.poll)
+    except KeyboardInterrupt:
+        live.close()
+        print(f"stopped following; the job goes on (sparkctl cancel {job_id})", file=sys.stderr)
+        return EXIT_CANCELLED
+    live.close()
+    _emit(args, job, _job_line(job))
+    return {"SUCCEEDED": 0, "CANCELLED": EXIT_CANCELLED}.get(job["state"], EXIT_FAILED)
+
+
+def cmd_jobs(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    page = _client(settings).jobs(state=args.state, kind=args.kind, limit=args.limit)
+    lines = [_job_line(job) for job in page["items"]] or ["(no jobs)"]
+    if page.get("next_cursor"):
+        lines.append(f"... more: --limit {args.limit * 2}")
+    _emit(args, page, "\n".join(lines))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    client = _client(settings)
+    if args.wait:
+        return _wait(args, client, args.job_id)
+    job = client.job(args.job_id)
+    progress = client.progress(args.job_id)
+    text = _job_line(job)
+    if progress.get("step") is not None:
+        text += f"\n  step {progress['step']}/{progress.get('total_steps')}"
+        text += f"  loss {progress.get('loss')}"
+    if job["links"].get("mlflow_run"):
+        text += f"\n  MLflow: {job['links']['mlflow_run']}"
+    _emit(args, {**job, "progress": progress}, text)
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    client = _client(settings)
+    if args.follow:
+        try:
+            for chunk in client.follow_logs(args.job_id):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            return EXIT_CANCELLED
+        return 0
+    print("\n".join(client.logs(args.job_id, args.tail)))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    job = _client(settings).cancel(args.job_id)
+    _emit(args, job, f"cancel requested: {_job_line(job)}")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    from orchestrator.sweeps import to_markdown
+
+    results = _client(settings).results(args.job_id)
+    text = [f"{results['job_id']}: {results['state']}"]
+    text += [f"  {k} {v:.4g}" for k, v in sorted(results.get("metrics", {}).items())]
+    if results.get("rows"):
+        text.append(to_markdown(results["columns"], results["rows"]))
+    _emit(args, results, "\n".join(text))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
     from orchestrator.tracking import export_encoder_artifact
 
@@ -261,9 +378,46 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(run=cmd_ui)
 
-    for command in (validate, pretrain, sweep, export):
+    remote = _add_remote_verbs(sub)
+    for command in (validate, pretrain, sweep, export, *remote):
         command.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+def _add_remote_verbs(sub: Any) -> list[argparse.ArgumentParser]:
+    submit = sub.add_parser("submit", help="submit a spec to the REST service")
+    submit.add_argument("spec", help="YAML or JSON PretrainSpec or SweepSpec")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument("--idempotency-key", help="resubmitting with the same key is safe")
+    submit.set_defaults(run=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="list your jobs on the REST service")
+    jobs.add_argument("--state", help="QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, ...")
+    jobs.add_argument("--kind", choices=["pretrain", "sweep"])
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.set_defaults(run=cmd_jobs)
+
+    status = sub.add_parser("status", help="one job and its progress")
+    status.add_argument("job_id")
+    status.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    status.set_defaults(run=cmd_status)
+
+    logs = sub.add_parser("logs", help="the job driver's log")
+    logs.add_argument("job_id")
+    logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--tail", type=int, default=200)
+    logs.set_defaults(run=cmd_logs)
+
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(run=cmd_cancel)
+
+    results = sub.add_parser("results", help="a job's final metrics / sweep table")
+    results.add_argument("job_id")
+    results.set_defaults(run=cmd_results)
+    for command in (submit, status):
+        command.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
+    return [submit, jobs, status, logs, cancel, results]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         _emit_error(args, [("", str(error))], f"error: {error}")
         return EXIT_BAD_INPUT
+    except ApiError as error:
+        _emit_error(args, error.errors or [("", error.detail)], str(error))
+        return EXIT_BAD_INPUT if 400 <= error.status < 500 else EXIT_FAILED
 
 
 def _emit_error(args: argparse.Namespace, errors: list[tuple[str, str]], text: str) -> None:

@@ -7,9 +7,10 @@ newer than this code is refused.
 
 Job states::
 
-    QUEUED -> SUBMITTING -> PENDING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED
+    [HELD ->] QUEUED -> SUBMITTING -> PENDING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED
 
-``QUEUED``: accepted, waiting for the owner's quota. ``SUBMITTING``: written before the Ray
+``HELD``: accepted with ``hold``, not scheduled until released. ``QUEUED``: accepted,
+waiting for the owner's quota. ``SUBMITTING``: written before the Ray
 submission, so a crash between the two is recovered by asking Ray for the submission id
 (never by submitting twice). The reconciler moves jobs on from what Ray reports.
 """
@@ -31,7 +32,8 @@ from sqlalchemy.engine import Connection, Engine
 logger = logging.getLogger(__name__)
 
 JOB_KINDS = ("pretrain", "sweep")
-ACTIVE_STATES = ("QUEUED", "SUBMITTING", "PENDING", "RUNNING")
+ACTIVE_STATES = ("HELD", "QUEUED", "SUBMITTING", "PENDING", "RUNNING")
+ON_RAY_STATES = ("SUBMITTING", "PENDING", "RUNNING")
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 JOB_STATES = ACTIVE_STATES + TERMINAL_STATES
 
@@ -349,6 +351,7 @@ def new_job(
     num_gpus: float,
     idempotency_key: str | None = None,
     submitted_document: dict[str, Any] | None = None,
+    hold: bool = False,
 ) -> Job:
     """A QUEUED job. The idempotency hash covers ``submitted_document`` (what the client
     sent) when given, else the stored spec."""
@@ -358,7 +361,7 @@ def new_job(
         kind=kind,
         name=name,
         owner=owner,
-        state="QUEUED",
+        state="HELD" if hold else "QUEUED",
         spec=spec,
         request_hash=request_hash(kind, spec if submitted_document is None else submitted_document),
         num_workers=num_workers,

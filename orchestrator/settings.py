@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -73,12 +73,21 @@ class OrchestratorSettings(BaseSettings):
         description="job store: a SQLAlchemy URL such as postgresql+psycopg://user@host/db "
         "(default: sqlite:///$SPARKORCH_HOME/jobs.db)",
     )
+    mlflow_ui_port: int = Field(
+        default=5000, ge=1, le=65535, description="port of the MLflow UI `make run` starts"
+    )
     api_host: str = Field(default="127.0.0.1", description="address the REST service binds")
     api_port: int = Field(default=8000, ge=1, le=65535)
     api_tokens_file: Path | None = Field(
         default=None,
         description="JSON {owner: sha256 hex of the token} (default: "
         "$SPARKORCH_HOME/api-tokens.json)",
+    )
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", description="the REST service sparkctl's remote verbs use"
+    )
+    token: SecretStr | None = Field(
+        default=None, description="API token for sparkctl's remote verbs (SPARKORCH_TOKEN)"
     )
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     api_rate_limit_per_s: float = Field(

@@ -231,3 +231,13 @@ def test_spec_schemas(alice: httpx.Client) -> None:
     assert set(schemas) == {"pretrain", "sweep"}
     assert "spark" in schemas["pretrain"]["properties"]
     assert "search" in schemas["sweep"]["properties"]
+
+
+def test_held_jobs_wait_for_release(alice: httpx.Client) -> None:
+    held = alice.post("/v1/jobs", json={"kind": "pretrain", "spec": SPEC, "hold": True}).json()
+    assert held["state"] == "HELD"
+    released = alice.post(f"/v1/jobs/{held['id']}/release")
+    assert released.status_code == 202 and released.json()["state"] == "QUEUED"
+    assert_problem(alice.post(f"/v1/jobs/{held['id']}/release"), 409)
+    other = alice.post("/v1/jobs", json={"kind": "pretrain", "spec": SPEC, "hold": True}).json()
+    assert alice.post(f"/v1/jobs/{other['id']}/cancel").json()["state"] == "CANCELLED"

@@ -23,7 +23,7 @@ from api.models import (
 from api.problems import ProblemException
 from api.routes import AUTH_PROBLEMS, problems
 from api.scheduler import RayUnavailable
-from api.service import JobFinished, JobNotFound, QueueFull, QuotaExceeded
+from api.service import JobFinished, JobNotFound, JobNotHeld, QueueFull, QuotaExceeded
 from orchestrator.jobstore import IdempotencyConflict, Job
 from orchestrator.specs import SpecError
 
@@ -84,7 +84,7 @@ def create_job(
     idempotency_key: IDEMPOTENCY_KEY = None,
 ) -> JobOut:
     try:
-        job, created = service.create(owner, body.kind, body.spec, idempotency_key)
+        job, created = service.create(owner, body.kind, body.spec, idempotency_key, hold=body.hold)
     except SpecError as error:
         raise ProblemException(422, "the spec does not validate", errors=error.errors) from None
     except QuotaExceeded as error:
@@ -152,6 +152,23 @@ def cancel_job(job_id: str, request: Request, owner: Owner, service: Service) ->
         raise ProblemException(409, str(error)) from None
     except RayUnavailable as error:
         raise ProblemException(503, f"Ray is unavailable: {error}") from None
+    return job_out(request, service, job)
+
+
+@router.post(
+    "/{job_id}/release",
+    response_model=JobOut,
+    status_code=202,
+    responses=problems(404, 409, 422, *AUTH_PROBLEMS),
+    summary="Queue a job submitted with hold=true (409 when it is not held)",
+)
+def release_job(job_id: str, request: Request, owner: Owner, service: Service) -> JobOut:
+    try:
+        job = service.release(owner, job_id)
+    except JobNotFound as error:
+        raise ProblemException(404, str(error)) from None
+    except JobNotHeld as error:
+        raise ProblemException(409, str(error)) from None
     return job_out(request, service, job)
 
 

@@ -1,0 +1,153 @@
+"""Latency of the REST service under a steady load, on loopback.
+
+    python scripts/loadtest.py [--rate 50] [--duration 30]
+    python scripts/loadtest.py --first-step      # POST -> first training step of the smoke job
+
+Open loop: requests start on a fixed schedule whatever the answers do (so a slow service
+shows up as latency, not as a lower rate). Each iteration is ``POST /v1/jobs`` (the smoke
+spec with ``hold: true``, so nothing is scheduled on Ray), ``GET /v1/jobs/{id}`` and
+``POST /v1/jobs/{id}/cancel`` (held jobs count against the owner's queue). Prints p50, p90,
+p99 and max per route and the number of non-2xx answers. URL and token come from
+SPARKORCH_API_URL / SPARKORCH_TOKEN (``make run`` prints both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from orchestrator.specs import read_spec_file
+
+SMOKE = Path(__file__).resolve().parent.parent / "examples" / "pretrain-smoke.yaml"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.errors: dict[str, int] = defaultdict(int)
+        self.lock = threading.Lock()
+
+    def call(self, client: httpx.Client, route: str, method: str, path: str, **kw) -> dict:
+        start = time.perf_counter()
+        response = client.request(method, path, **kw)
+        elapsed = time.perf_counter() - start
+        with self.lock:
+            self.latency[route].append(elapsed * 1000)
+            if response.status_code >= 300:
+                self.errors[f"{route} {response.status_code}"] += 1
+        return response.json() if response.status_code < 300 else {}
+
+
+def iteration(client: httpx.Client, recorder: Recorder, spec: dict) -> None:
+    job = recorder.call(
+        client,
+        "POST /v1/jobs",
+        "POST",
+        "/v1/jobs",
+        json={"kind": "pretrain", "spec": spec, "hold": True},
+    )
+    if not job:
+        return
+    recorder.call(client, "GET /v1/jobs/{id}", "GET", f"/v1/jobs/{job['id']}")
+    recorder.call(client, "POST /v1/jobs/{id}/cancel", "POST", f"/v1/jobs/{job['id']}/cancel")
+
+
+def load(url: str, token: str, rate: float, duration: float) -> dict:
+    spec = read_spec_file(SMOKE)
+    recorder = Recorder()
+    interval = 3 / rate  # three requests per iteration
+    client = httpx.Client(
+        base_url=url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+    )
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=48) as pool:
+        n = 0
+        while (due := start + n * interval) < start + duration:
+            time.sleep(max(0.0, due - time.perf_counter()))
+            pool.submit(iteration, client, recorder, spec)
+            n += 1
+    wall = time.perf_counter() - start
+    client.close()
+    routes = {
+        route: {
+            "count": len(values),
+            "p50_ms": round(statistics.median(values), 1),
+            "p90_ms": round(percentile(values, 0.90), 1),
+            "p99_ms": round(percentile(values, 0.99), 1),
+            "max_ms": round(max(values), 1),
+        }
+        for route, values in recorder.latency.items()
+    }
+    total = sum(r["count"] for r in routes.values())
+    return {
+        "target_rate": rate,
+        "achieved_rate": round(total / wall, 1),
+        "duration_s": round(wall, 1),
+        "routes": routes,
+        "non_2xx": dict(recorder.errors),
+    }
+
+
+def first_step(url: str, token: str, timeout: float = 900) -> dict:
+    headers = {"Authorization": f"Bearer {token}"}
+    spec = read_spec_file(SMOKE)
+    start = time.perf_counter()
+    job = httpx.post(
+        f"{url}/v1/jobs", json={"kind": "pretrain", "spec": spec}, headers=headers, timeout=30
+    ).json()
+    seen: dict[str, float] = {}
+    while time.perf_counter() - start < timeout:
+        state = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=headers, timeout=30).json()
+        seen.setdefault(state["state"], time.perf_counter() - start)
+        progress = httpx.get(
+            f"{url}/v1/jobs/{job['id']}/progress", headers=headers, timeout=30
+        ).json()
+        if progress.get("step"):
+            return {
+                "job_id": job["id"],
+                "seconds_to_state": {k: round(v, 1) for k, v in seen.items()},
+                "seconds_to_first_logged_step": round(time.perf_counter() - start, 1),
+                "first_logged_step": progress["step"],
+            }
+        time.sleep(0.25)
+    raise TimeoutError("no training step within the timeout")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--url", default=os.environ.get("SPARKORCH_API_URL", "http://127.0.0.1:8000")
+    )
+    parser.add_argument("--token", default=os.environ.get("SPARKORCH_TOKEN"))
+    parser.add_argument("--rate", type=float, default=50.0, help="requests per second")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds")
+    parser.add_argument("--first-step", action="store_true", help="time POST -> first step")
+    args = parser.parse_args()
+    if not args.token:
+        parser.error("set SPARKORCH_TOKEN or pass --token")
+    if args.first_step:
+        result = first_step(args.url, args.token)
+    else:
+        result = load(args.url, args.token, args.rate, args.duration)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -353,3 +353,42 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
     runs = children(ray_cluster, result.run_id)
     assert len(runs) == 2, "the retried trial must reopen its run, not start another"
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_random_search_space_samples_every_distribution() -> None:
+    """algorithm: random hands Tune real sampling domains (drawn num_samples times)."""
+    import random
+
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from orchestrator.sweeps import SEED_KEY, param_space
+
+    sweep = parse_sweep(
+        {
+            "name": "random",
+            "base": BASE,
+            "metric": "final_loss",
+            "algorithm": "random",
+            "num_samples": 5,
+            "search": {
+                "spark.mask_ratio": {"uniform": [0.4, 0.8]},
+                "optim.base_lr": {"loguniform": [1e-4, 1e-2]},
+                "spark.decoder_depth": {"randint": [1, 4]},
+                "spark.hierarchy": {"choice": [3, 4]},
+                "optim.warmup_epochs": {"quniform": [0, 1, 1]},
+            },
+        },
+        data_roots=[],
+    )
+    space = param_space(sweep)
+    assert isinstance(space["spark.mask_ratio"], Float)
+    assert isinstance(space["optim.base_lr"], Float)
+    assert isinstance(space["spark.decoder_depth"], Integer)
+    assert isinstance(space["spark.hierarchy"], Categorical)
+    random.seed(0)
+    draws = [space["spark.mask_ratio"].sample() for _ in range(50)]
+    assert all(0.4 <= d <= 0.8 for d in draws) and len(set(draws)) > 40
+    lrs = [space["optim.base_lr"].sample() for _ in range(50)]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    assert {space["spark.decoder_depth"].sample() for _ in range(50)} <= {1, 2, 3}
+    assert space[SEED_KEY] == sweep.seeds[0]

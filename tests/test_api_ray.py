@@ -82,6 +82,9 @@ def test_a_job_runs_through_ray_and_reports_back(
         assert job["submissions"] == 1 and job["started_at"] and job["finished_at"]
         assert job["mlflow_run_id"]
         assert any("MLflow run" in line for line in logs)
+        streamed = client.get(f"/v1/jobs/{job_id}/logs", params={"follow": "true"})
+        assert streamed.headers["content-type"].startswith("text/plain")
+        assert "MLflow run" in streamed.text
 
         progress = client.get(f"/v1/jobs/{job_id}/progress").json()
         assert progress["mlflow_status"] == "FINISHED"
@@ -222,3 +225,44 @@ def test_jobs_ray_lost_are_resubmitted_or_failed(ray_cluster: RayTestCluster) ->
         assert resubmitted["state"] == "SUCCEEDED" and resubmitted["submissions"] == 2
     assert ray_submissions(ray_cluster, jobs[0]) == 1
     assert ray_submissions(ray_cluster, jobs[1]) == 0
+
+
+def test_a_sweep_through_the_api_and_the_per_owner_queue(ray_cluster: RayTestCluster) -> None:
+    """One job on Ray per owner: the pre-training job waits QUEUED until the sweep ends;
+    the sweep's results carry its table."""
+    settings = service_settings(ray_cluster, None).model_copy(update={"quota_active_jobs": 1})
+    token = issue_token(settings.tokens_file, "frank")
+    sweep = {
+        "name": "api-sweep",
+        "base": {**SPEC, "name": "api-sweep-trial", "evaluation": {"method": "knn"}},
+        "variants": {"reference": {}, "random-init": {"optim.epochs": 0}},
+        "metric": "knn_top1",
+        "max_concurrent_trials": 2,
+    }
+    with ApiServer(settings) as api, api.client(token) as client:
+        sweep_id = client.post("/v1/jobs", json={"kind": "sweep", "spec": sweep}).json()["id"]
+        job_id = client.post("/v1/jobs", json={"kind": "pretrain", "spec": SPEC}).json()["id"]
+        wait_for(lambda: job_state(client, sweep_id, ("RUNNING",)), 120, "the sweep to run")
+        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
+        trials = wait_for(
+            lambda: client.get(f"/v1/jobs/{sweep_id}/progress").json().get("trials"),
+            300,
+            "the trials in /progress",
+        )
+        assert {t["variant"] for t in trials} <= {"reference", "random-init"}
+        done = wait_for(
+            lambda: job_state(client, sweep_id, ("SUCCEEDED", "FAILED", "CANCELLED")),
+            420,
+            "the sweep to end",
+        )
+        assert done["state"] == "SUCCEEDED", client.get(f"/v1/jobs/{sweep_id}/logs").text[-3000:]
+        results = client.get(f"/v1/jobs/{sweep_id}/results").json()
+        assert {row["variant"] for row in results["rows"]} == {"reference", "random-init"}
+        assert "knn_top1" in results["columns"] and "results/metric.png" in results["artifacts"]
+        job = wait_for(
+            lambda: job_state(client, job_id, ("SUCCEEDED", "FAILED", "CANCELLED")),
+            300,
+            "the queued job to end",
+        )
+        assert job["state"] == "SUCCEEDED"
+        assert job["started_at"] >= done["finished_at"]

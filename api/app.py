@@ -54,7 +54,7 @@ def create_app(settings: OrchestratorSettings | None = None, *, reconcile: bool 
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.tokens = TokenRegistry.load(settings.tokens_file)
+    app.state.tokens = TokenRegistry.load(settings.tokens_file, settings.api_tokens)
     app.state.rate_limiter = RateLimiter(settings.api_rate_limit_per_s, settings.api_rate_burst)
     app.state.service = JobService(store, ray_jobs, reconciler, settings)
     install_problem_handlers(app)

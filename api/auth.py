@@ -36,28 +36,35 @@ class TokenRegistry:
     owners_by_hash: dict[str, str]
 
     @classmethod
-    def load(cls, path: Path) -> TokenRegistry:
-        if not path.is_file():
-            return cls({})
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise TokenConfigError(f"tokens file {path}: {error}") from error
+    def load(cls, path: Path, extra: dict[str, str] | None = None) -> TokenRegistry:
+        """The tokens file (if any) plus ``extra`` (``SPARKORCH_API_TOKENS``)."""
+        owners: dict[str, str] = {}
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise TokenConfigError(f"tokens file {path}: {error}") from error
+            owners.update(cls._parse(data, f"tokens file {path}"))
+        owners.update(cls._parse(extra or {}, "SPARKORCH_API_TOKENS"))
+        return cls(owners)
+
+    @staticmethod
+    def _parse(data: object, source: str) -> dict[str, str]:
         if not isinstance(data, dict):
-            raise TokenConfigError(f"tokens file {path}: expected {{owner: sha256 hex}}")
+            raise TokenConfigError(f"{source}: expected {{owner: sha256 hex}}")
         owners: dict[str, str] = {}
         for owner, digest in data.items():
             if not OWNER_PATTERN.match(str(owner)):
                 raise TokenConfigError(
-                    f"tokens file {path}: owner {owner!r} must match {OWNER_PATTERN.pattern}"
+                    f"{source}: owner {owner!r} must match {OWNER_PATTERN.pattern}"
                 )
             if not isinstance(digest, str) or not HASH_PATTERN.match(digest):
                 raise TokenConfigError(
-                    f"tokens file {path}: the value for {owner!r} must be the token's "
-                    "SHA-256 in lowercase hex (never the token itself)"
+                    f"{source}: the value for {owner!r} must be the token's SHA-256 in "
+                    "lowercase hex (never the token itself)"
                 )
             owners[digest] = owner
-        return cls(owners)
+        return owners
 
     def owner_of(self, token: str) -> str | None:
         digest = hash_token(token)

@@ -13,8 +13,10 @@ The reconciler runs every ``reconcile_interval_s``; each pass looks at every act
   Ray is asked for the submission id: known, the job moves on; unknown, it is submitted
   (it never was). Nothing is ever submitted twice.
 * ``PENDING``/``RUNNING``: Ray's state is copied. A job Ray no longer knows (the cluster
-  restarted) is submitted again while ``submissions < max_submissions`` (the same job id
-  resumes its checkpoints and MLflow run), else marked FAILED with the reason.
+  restarted), or whose driver died with its node (the head restarted under GCS fault
+  tolerance: Ray's record is deleted first), is submitted again when its spec allows it and
+  ``submissions < max_submissions`` (the same job id resumes its checkpoints and MLflow
+  run), else marked FAILED with the reason.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import shlex
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.jobstore import ACTIVE_STATES, ON_RAY_STATES, Job, JobStore
@@ -38,6 +41,22 @@ RAY_TO_STORE = {
     "FAILED": "FAILED",
     "STOPPED": "CANCELLED",
 }
+
+
+# The job's driver was lost with its node (e.g. the head restarted under GCS fault
+# tolerance): the job itself did nothing wrong.
+INFRASTRUCTURE_FAILURES = ("JOB_SUPERVISOR_ACTOR_DIED",)
+
+
+@dataclass(frozen=True)
+class RayJobStatus:
+    status: str
+    message: str
+    error_type: str
+
+    @property
+    def lost_with_its_node(self) -> bool:
+        return self.status == "FAILED" and self.error_type in INFRASTRUCTURE_FAILURES
 
 
 class RayUnavailable(RuntimeError):
@@ -84,6 +103,8 @@ class RayJobs:
     def driver_env(self) -> dict[str, str]:
         """What the job driver needs to find the same store, MLflow and data roots."""
         s = self.settings
+        if not s.forward_driver_env:
+            return {}
         env = {
             "SPARKORCH_HOME": str(s.home),
             "SPARKORCH_DATABASE_URL": s.job_store_url,
@@ -103,21 +124,26 @@ class RayJobs:
             "submit_job",
             entrypoint=self.entrypoint(job),
             submission_id=job.id,
-            runtime_env={"env_vars": self.driver_env()},
+            runtime_env={"env_vars": self.driver_env()}
+            if self.settings.forward_driver_env
+            else None,
             metadata={"owner": job.owner, "kind": job.kind, "name": job.name},
         )
 
-    def status(self, job_id: str) -> tuple[str, str] | None:
-        """``(Ray status, message)``, or None when Ray does not know the job."""
+    def status(self, job_id: str) -> RayJobStatus | None:
+        """Ray's view of the job, or None when Ray does not know it."""
         try:
             info = self._call("get_job_info", job_id)
         except RuntimeError as error:
             if "404" in str(error) or "does not exist" in str(error):
                 return None
             raise RayUnavailable(str(error)) from error
-        return str(info.status.value if hasattr(info.status, "value") else info.status), (
-            info.message or ""
-        )
+        status = info.status.value if hasattr(info.status, "value") else info.status
+        return RayJobStatus(str(status), info.message or "", str(info.error_type or ""))
+
+    def forget(self, job_id: str) -> None:
+        """Delete Ray's record of a finished job, so its id can be submitted again."""
+        self._call("delete_job", job_id)
 
     def stop(self, job_id: str) -> bool:
         try:
@@ -141,6 +167,12 @@ class RayJobs:
 
     def ping(self) -> None:
         self._call("get_version")
+
+
+def allows_resubmission(job: Job) -> bool:
+    """The spec's ``failures.resubmit_on_loss`` (a sweep's: its base spec's)."""
+    spec = job.spec.get("base", job.spec) if job.kind == "sweep" else job.spec
+    return bool(spec.get("failures", {}).get("resubmit_on_loss", True))
 
 
 class Reconciler:
@@ -241,7 +273,10 @@ class Reconciler:
         if found is None:
             self._lost(job)
             return
-        ray_status, message = found
+        if found.lost_with_its_node and not job.cancel_requested:
+            self._lost(job, forget=True)
+            return
+        ray_status, message = found.status, found.message
         state = RAY_TO_STORE.get(ray_status, job.state)
         if state == job.state:
             return
@@ -254,12 +289,22 @@ class Reconciler:
             values["started_at"] = job.started_at
         self.store.update(job.id, expect_states=ACTIVE_STATES, **values)
 
-    def _lost(self, job: Job) -> None:
+    def _lost(self, job: Job, *, forget: bool = False) -> None:
         if job.cancel_requested:
             self.store.update(job.id, expect_states=ACTIVE_STATES, state="CANCELLED")
             return
+        if not allows_resubmission(job):
+            self.store.update(
+                job.id,
+                expect_states=[job.state],
+                state="FAILED",
+                message="Ray lost the job and its spec says failures.resubmit_on_loss: false",
+            )
+            return
         if job.submissions < self.settings.max_submissions:
             logger.warning("Ray lost job %s (cluster restarted?): submitting it again", job.id)
+            if forget:
+                self.ray_jobs.forget(job.id)
             self.store.update(
                 job.id,
                 expect_states=[job.state],

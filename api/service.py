@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from api.scheduler import RayJobs, Reconciler
@@ -207,9 +209,9 @@ class JobService:
         out["metrics"] = {k: v for k, v in run.data.metrics.items() if not k.startswith("train/")}
         out["artifacts"] = _artifact_paths(client, ref.run_id)
         if job.kind == "sweep" and "results/table.csv" in out["artifacts"]:
-            text = client.download_artifacts(ref.run_id, "results/table.csv")
-            with open(text) as handle:
-                reader = csv.DictReader(io.StringIO(handle.read()))
+            with tempfile.TemporaryDirectory(prefix="sparkorch-results-") as folder:
+                local = client.download_artifacts(ref.run_id, "results/table.csv", folder)
+                reader = csv.DictReader(io.StringIO(Path(local).read_text()))
                 out["rows"] = list(reader)
                 out["columns"] = list(reader.fieldnames or [])
         return out

@@ -54,7 +54,9 @@ def start_ray(settings: OrchestratorSettings) -> str:
 
     configure_ray_auth(settings)
     port = int(settings.ray_dashboard_url.rsplit(":", 1)[-1].rstrip("/"))
+    # address="local": our own cluster even when `ray start` left one on this machine.
     context = ray.init(
+        address="local",
         num_cpus=settings.ray_num_cpus,
         resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
         include_dashboard=True,

@@ -3,7 +3,8 @@
 Ray 2.60 turns token authentication on for local clusters; we set it explicitly so that the
 mode never depends on what happens to lie in ``~/.ray``: ``RAY_AUTH_MODE=token`` and
 ``RAY_AUTH_TOKEN_PATH`` pointing at the settings' token file (created, mode 0600, for a
-local cluster). Every Ray process started from here inherits both.
+local cluster). Every Ray process started from here inherits both. Where ``RAY_AUTH_TOKEN``
+holds the token itself (containers), no file is needed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def ensure_token_file(path: Path) -> Path:
 def configure_ray_auth(settings: OrchestratorSettings) -> Path:
     """Token auth for this process and the Ray processes it starts; returns the token file."""
     path = settings.token_path
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        # The token itself is in the environment (a container's secret); Ray reads it there.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _refresh_ray_auth_config()
+        return path
     if settings.ray_address is None:
         ensure_token_file(path)
     elif not path.is_file():
@@ -90,7 +96,10 @@ def ray_session(settings: OrchestratorSettings) -> Iterator[None]:
         ray.init(address=settings.ray_address, logging_config=quiet)
     else:
         # The dashboard hosts the state API that Ray Train's clean-up actor queries.
+        # address="local": a new cluster even when `ray start` left one on this machine
+        # (a bare ray.init() would join that one).
         ray.init(
+            address="local",
             num_cpus=settings.ray_num_cpus,
             resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
             include_dashboard=True,

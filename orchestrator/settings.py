@@ -89,6 +89,15 @@ class OrchestratorSettings(BaseSettings):
     token: SecretStr | None = Field(
         default=None, description="API token for sparkctl's remote verbs (SPARKORCH_TOKEN)"
     )
+    api_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON {owner: sha256 hex of the token}, added to the tokens file's",
+    )
+    forward_driver_env: bool = Field(
+        default=True,
+        description="pass the store, MLflow and data settings to Ray job drivers (embedded "
+        "stack); false when the Ray nodes carry them in their own environment",
+    )
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     api_rate_limit_per_s: float = Field(
         default=50.0, gt=0, description="sustained requests per second per owner"

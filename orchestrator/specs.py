@@ -299,7 +299,14 @@ class CheckpointSpec(_Strict):
 
 
 class FailureSpec(_Strict):
-    max_failures: int = Field(default=0, ge=0, le=100)
+    max_failures: int = Field(
+        default=0, ge=0, le=100, description="worker failures Ray Train recovers from"
+    )
+    resubmit_on_loss: bool = Field(
+        default=True,
+        description="when the cluster loses the job (restarted), the service submits it "
+        "again; it resumes from its checkpoints and MLflow run",
+    )
 
 
 class EvaluationSpec(_Strict):

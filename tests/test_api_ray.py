@@ -200,13 +200,13 @@ def test_jobs_ray_lost_are_resubmitted_or_failed(ray_cluster: RayTestCluster) ->
     store = JobStore(settings.job_store_url)
     store.migrate()
     jobs = []
-    for number, submissions in ((1, 1), (2, 2)):
+    for number, submissions, resubmit in ((1, 1, True), (2, 2, True), (3, 1, False)):
         job = new_job(
             job_id=f"10000000-0000-4000-8000-{number:012d}",
             kind="pretrain",
             name="api-lost",
             owner="erin",
-            spec={**SPEC, "name": "api-lost"},
+            spec={**SPEC, "name": "api-lost", "failures": {"resubmit_on_loss": resubmit}},
             num_workers=1,
             num_gpus=0,
         )
@@ -217,52 +217,39 @@ def test_jobs_ray_lost_are_resubmitted_or_failed(ray_cluster: RayTestCluster) ->
     with ApiServer(settings) as api, api.client(token) as client:
         gave_up = wait_for(lambda: job_state(client, jobs[1], ("FAILED",)), 60, "FAILED")
         assert "Ray lost the job" in gave_up["message"]
+        refused = wait_for(lambda: job_state(client, jobs[2], ("FAILED",)), 60, "FAILED")
+        assert "resubmit_on_loss: false" in refused["message"]
         resubmitted = wait_for(
-            lambda: job_state(client, jobs[0], ("SUCCEEDED", "FAILED", "CANCELLED")),
-            300,
-            "the resubmitted job",
+            lambda: job_state(client, jobs[0], ("RUNNING", "SUCCEEDED")), 120, "resubmission"
         )
-        assert resubmitted["state"] == "SUCCEEDED" and resubmitted["submissions"] == 2
+        assert resubmitted["submissions"] == 2
+        client.post(f"/v1/jobs/{jobs[0]}/cancel")
+        wait_for(lambda: job_state(client, jobs[0], ("CANCELLED", "SUCCEEDED")), 120, "cancel")
     assert ray_submissions(ray_cluster, jobs[0]) == 1
-    assert ray_submissions(ray_cluster, jobs[1]) == 0
+    assert ray_submissions(ray_cluster, jobs[1]) == ray_submissions(ray_cluster, jobs[2]) == 0
 
 
-def test_a_sweep_through_the_api_and_the_per_owner_queue(ray_cluster: RayTestCluster) -> None:
-    """One job on Ray per owner: the pre-training job waits QUEUED until the sweep ends;
-    the sweep's results carry its table."""
+def test_the_per_owner_queue_holds_jobs_over_the_quota(ray_cluster: RayTestCluster) -> None:
+    """One job on Ray per owner: the second waits QUEUED and starts once the first ends.
+    (A sweep through the API, with its results table, runs in tests/test_rehearsal.py.)"""
     settings = service_settings(ray_cluster, None).model_copy(update={"quota_active_jobs": 1})
     token = issue_token(settings.tokens_file, "frank")
-    sweep = {
-        "name": "api-sweep",
-        "base": {**SPEC, "name": "api-sweep-trial", "evaluation": {"method": "knn"}},
-        "variants": {"reference": {}, "random-init": {"optim.epochs": 0}},
-        "metric": "knn_top1",
-        "max_concurrent_trials": 2,
-    }
+    long = {**SPEC, "name": "api-queue", "optim": {**SPEC["optim"], "epochs": 200}}
+    ended = ("SUCCEEDED", "FAILED", "CANCELLED")
     with ApiServer(settings) as api, api.client(token) as client:
-        sweep_id = client.post("/v1/jobs", json={"kind": "sweep", "spec": sweep}).json()["id"]
-        job_id = client.post("/v1/jobs", json={"kind": "pretrain", "spec": SPEC}).json()["id"]
-        wait_for(lambda: job_state(client, sweep_id, ("RUNNING",)), 120, "the sweep to run")
-        assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
-        trials = wait_for(
-            lambda: client.get(f"/v1/jobs/{sweep_id}/progress").json().get("trials"),
-            300,
-            "the trials in /progress",
+        first = client.post("/v1/jobs", json={"kind": "pretrain", "spec": long}).json()["id"]
+        second = client.post("/v1/jobs", json={"kind": "pretrain", "spec": long}).json()["id"]
+        wait_for(lambda: job_state(client, first, ("RUNNING",)), 120, "the first job to run")
+        time.sleep(3)  # several reconciler passes
+        waiting = client.get(f"/v1/jobs/{second}").json()
+        assert waiting["state"] == "QUEUED" and waiting["submissions"] == 0
+        client.post(f"/v1/jobs/{first}/cancel")
+        wait_for(lambda: job_state(client, first, ended), 120, "the first job to stop")
+        started = wait_for(
+            lambda: job_state(client, second, ("PENDING", "RUNNING")), 60, "the second job"
         )
-        assert {t["variant"] for t in trials} <= {"reference", "random-init"}
-        done = wait_for(
-            lambda: job_state(client, sweep_id, ("SUCCEEDED", "FAILED", "CANCELLED")),
-            420,
-            "the sweep to end",
+        assert started["submissions"] == 1
+        client.post(f"/v1/jobs/{second}/cancel")
+        assert wait_for(lambda: job_state(client, second, ended), 120, "cancel")["state"] == (
+            "CANCELLED"
         )
-        assert done["state"] == "SUCCEEDED", client.get(f"/v1/jobs/{sweep_id}/logs").text[-3000:]
-        results = client.get(f"/v1/jobs/{sweep_id}/results").json()
-        assert {row["variant"] for row in results["rows"]} == {"reference", "random-init"}
-        assert "knn_top1" in results["columns"] and "results/metric.png" in results["artifacts"]
-        job = wait_for(
-            lambda: job_state(client, job_id, ("SUCCEEDED", "FAILED", "CANCELLED")),
-            300,
-            "the queued job to end",
-        )
-        assert job["state"] == "SUCCEEDED"
-        assert job["started_at"] >= done["finished_at"]

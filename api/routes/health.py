@@ -44,6 +44,12 @@ def readyz(request: Request) -> JSONResponse:
 
 
 def _ping_mlflow(tracking_uri: str) -> None:
+    # A server answers /health at once; the MLflow client would retry for minutes.
+    if tracking_uri.startswith(("http://", "https://")):
+        import httpx
+
+        httpx.get(f"{tracking_uri.rstrip('/')}/health", timeout=3).raise_for_status()
+        return
     from orchestrator.tracking import client_for
 
     client_for(tracking_uri).search_experiments(max_results=1)

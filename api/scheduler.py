@@ -13,8 +13,7 @@ The reconciler runs every ``reconcile_interval_s``; each pass looks at every act
   Ray is asked for the submission id: known, the job moves on; unknown, it is submitted
   (it never was). Nothing is ever submitted twice.
 * ``PENDING``/``RUNNING``: Ray's state is copied. A job Ray no longer knows (the cluster
-  restarted), or whose driver died with its node (the head restarted under GCS fault
-  tolerance: Ray's record is deleted first), is submitted again when its spec allows it and
+  restarted) is submitted again when its spec allows it and
   ``submissions < max_submissions`` (the same job id resumes its checkpoints and MLflow
   run), else marked FAILED with the reason.
 """
@@ -43,20 +42,11 @@ RAY_TO_STORE = {
 }
 
 
-# The job's driver was lost with its node (e.g. the head restarted under GCS fault
-# tolerance): the job itself did nothing wrong.
-INFRASTRUCTURE_FAILURES = ("JOB_SUPERVISOR_ACTOR_DIED",)
-
-
 @dataclass(frozen=True)
 class RayJobStatus:
     status: str
     message: str
     error_type: str
-
-    @property
-    def lost_with_its_node(self) -> bool:
-        return self.status == "FAILED" and self.error_type in INFRASTRUCTURE_FAILURES
 
 
 class RayUnavailable(RuntimeError):
@@ -140,10 +130,6 @@ class RayJobs:
             raise RayUnavailable(str(error)) from error
         status = info.status.value if hasattr(info.status, "value") else info.status
         return RayJobStatus(str(status), info.message or "", str(info.error_type or ""))
-
-    def forget(self, job_id: str) -> None:
-        """Delete Ray's record of a finished job, so its id can be submitted again."""
-        self._call("delete_job", job_id)
 
     def stop(self, job_id: str) -> bool:
         try:
@@ -273,9 +259,6 @@ class Reconciler:
         if found is None:
             self._lost(job)
             return
-        if found.lost_with_its_node and not job.cancel_requested:
-            self._lost(job, forget=True)
-            return
         ray_status, message = found.status, found.message
         state = RAY_TO_STORE.get(ray_status, job.state)
         if state == job.state:
@@ -289,7 +272,7 @@ class Reconciler:
             values["started_at"] = job.started_at
         self.store.update(job.id, expect_states=ACTIVE_STATES, **values)
 
-    def _lost(self, job: Job, *, forget: bool = False) -> None:
+    def _lost(self, job: Job) -> None:
         if job.cancel_requested:
             self.store.update(job.id, expect_states=ACTIVE_STATES, state="CANCELLED")
             return
@@ -303,8 +286,6 @@ class Reconciler:
             return
         if job.submissions < self.settings.max_submissions:
             logger.warning("Ray lost job %s (cluster restarted?): submitting it again", job.id)
-            if forget:
-                self.ray_jobs.forget(job.id)
             self.store.update(
                 job.id,
                 expect_states=[job.state],

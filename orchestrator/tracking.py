@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 JOB_ID_TAG = "job_id"
 TOTAL_STEPS_TAG = "sparkorch.total_steps"
+# One point per checkpoint restore (value = the global step it resumed at).
+RESUMED_AT_STEP = "train/resumed_at_step"
 GLOBAL_BATCH_TAG = "sparkorch.global_batch_size"
 ACTIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params / 1000 metrics per call

@@ -23,10 +23,12 @@ from orchestrator.datasets import pretrain_dataset, preview_images, steps_per_ep
 from orchestrator.specs import PretrainSpec, parse_spec
 from orchestrator.tracking import (
     GLOBAL_BATCH_TAG,
+    RESUMED_AT_STEP,
     TOTAL_STEPS_TAG,
     MetricsLogger,
     ReconstructionPreview,
     RunRef,
+    log_metrics,
     set_tags,
 )
 from spark_core import build_spark
@@ -116,8 +118,8 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(spec.seed)  # the same initial weights everywhere (DDP also broadcasts)
     model = build_spark(**spec.build_kwargs())
     callbacks: list[Any] = []
+    ref = RunRef(**worker.run)
     if rank == 0:
-        ref = RunRef(**worker.run)
         total_steps = steps_per_epoch(len(dataset), spec) * spec.optim.epochs
         set_tags(
             ref,
@@ -139,6 +141,8 @@ def train_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             engine.resume(Path(folder) / CHECKPOINT_FILE)
         logger.info("rank %d resumed at epoch %d, step %d", rank, engine.epoch, engine.global_step)
+        if rank == 0:  # one point per restore: the run shows where it was restored from
+            log_metrics(ref, {RESUMED_AT_STEP: engine.global_step}, step=engine.global_step)
     engine.fit(dataset)
 
 

@@ -10,8 +10,8 @@ API on PostgreSQL. Then, over HTTP:
 1. submits a small sweep (two trials, each two Ray Train workers, checkpoint every epoch);
    both nodes run trial workers;
 2. kills the second node (its whole process tree) during the trials, starts a replacement
-   node, and checks the interrupted trial recovered from its checkpoint (its steps restart
-   after the checkpoint, not at 0) and the sweep finishes with its table in MLflow;
+   node, and checks the interrupted trial was restored from its checkpoint (its run records
+   ``train/resumed_at_step`` > 0) and the sweep finishes with its table in MLflow;
 3. submits a pre-training job, kills the Ray head's whole process tree while the job runs
    and starts the head again on the same ports and Redis namespace: the worker node stays
    in the cluster, and the service resubmits the job whose driver died with the head; it
@@ -71,7 +71,6 @@ SWEEP: dict[str, Any] = {
     "max_concurrent_trials": 2,
     "max_failures_per_trial": 2,
 }
-STEPS_PER_EPOCH = 64 // 16
 
 
 class CheckFailed(AssertionError):
@@ -152,10 +151,17 @@ class Topology:
             kind: f"sparkorch_rehearsal_{self.tag}_{kind}" for kind in ("jobs", "mlflow")
         }
         self.processes: dict[str, subprocess.Popen] = {}
+        self.node_ids: dict[str, str] = {}
+        self.temp_dirs: list[str] = []
         self.ray_token = workdir / "ray-token"
         self.ray_token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         self.ray_token.chmod(0o600)
         self.api_token = ""
+        # This process queries the cluster's state API too: same token.
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.ray_token))
+        from orchestrator.cluster import _refresh_ray_auth_config
+
+        _refresh_ray_auth_config()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -185,7 +191,7 @@ class Topology:
             RAY_AUTH_TOKEN_PATH=str(self.ray_token),
             SPARKORCH_HOME=str(self.home),
             SPARKORCH_DATA_ROOTS=str(self.home / "data"),
-            SPARKORCH_RAY_STORAGE=str(self.workdir / "shared-storage"),
+            SPARKORCH_RAY_STORAGE=str(self.storage),
             SPARKORCH_DATABASE_URL=self.db_url("jobs"),
             MLFLOW_TRACKING_URI=self.mlflow,
             MLFLOW_HTTP_REQUEST_MAX_RETRIES="2",
@@ -223,10 +229,16 @@ class Topology:
         return [str(Path(sys.executable).with_name("ray")), "start", *args, "--block"]
 
     def start_head(self) -> None:
+        # Each head start gets its own short temp dir: on one machine, `ray start --head`
+        # would otherwise see the surviving worker's raylet pointing at this GCS address
+        # and refuse to start (separate containers do not share that view).
+        temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
+        self.temp_dirs.append(temp_dir)
         self.start(
             "ray-head",
             self.ray(
                 "--head",
+                f"--temp-dir={temp_dir}",
                 f"--port={self.gcs_port}",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
@@ -238,19 +250,33 @@ class Topology:
             RAY_external_storage_namespace=self.redis_namespace,
         )
         wait_for(self._dashboard_up, 120, "the Ray head's dashboard")
+        head = wait_for(
+            lambda: [n for n in self.alive_nodes() if n.get("is_head_node")], 120, "the head"
+        )
+        self.node_ids["ray-head"] = head[0]["node_id"]
 
     def _dashboard_up(self) -> bool:
         return httpx.get(f"{self.dashboard}/api/version", timeout=5).status_code < 500
 
-    def start_node(self, name: str) -> None:
-        before = len(self.alive_nodes())
+    def start_node(self, name: str) -> str:
+        """Start a worker node; returns its Ray node id."""
+        known = {self.node_ids["ray-head"], *(v for k, v in self.node_ids.items() if k != name)}
+        before = wait_for(
+            lambda: {n["node_id"] for n in self.alive_nodes()} & known,
+            120,
+            "the cluster's nodes to be listed",
+        )
         self.start(
             name,
             self.ray(
                 f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=2", "--disable-usage-stats"
             ),
         )
-        wait_for(lambda: len(self.alive_nodes()) > before, 120, f"{name} to join")
+        joined = wait_for(
+            lambda: {n["node_id"] for n in self.alive_nodes()} - before, 120, f"{name} to join"
+        )
+        self.node_ids[name] = joined.pop()
+        return self.node_ids[name]
 
     def start_mlflow(self) -> None:
         self.start(
@@ -290,6 +316,10 @@ class Topology:
             lambda: httpx.get(f"{self.api}/readyz", timeout=10).status_code == 200, 120, "the API"
         )
 
+    @property
+    def storage(self) -> Path:
+        return self.workdir / "shared-storage"
+
     def client(self) -> httpx.Client:
         return httpx.Client(
             base_url=self.api, headers={"Authorization": f"Bearer {self.api_token}"}, timeout=30
@@ -298,11 +328,12 @@ class Topology:
     def alive_nodes(self) -> list[dict[str, Any]]:
         from ray.util.state import list_nodes
 
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.ray_token))
-        with suppress(Exception):
+        try:
             nodes = list_nodes(address=self.dashboard, raise_on_missing_output=False)
-            return [n.__dict__ for n in nodes if n.state == "ALIVE"]
-        return []
+        except Exception as error:  # the head may be restarting
+            logger.info("listing nodes failed: %s", error)
+            return []
+        return [n.__dict__ for n in nodes if n.state == "ALIVE"]
 
     def worker_nodes_of_trials(self) -> set[str]:
         from ray.util.state import list_actors
@@ -320,10 +351,14 @@ class Topology:
                 with suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
                 try:
-                    process.wait(timeout=30)
+                    process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     logger.warning("%s ignored SIGTERM; killing it", name)
             kill_tree(process)
+
+    def remove_temp_dirs(self) -> None:
+        for folder in self.temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def drop_databases(self) -> None:
         admin = sa.create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
@@ -353,6 +388,7 @@ def topology(workdir: Path) -> Iterator[Topology]:
         yield cluster
     finally:
         cluster.stop_all()
+        cluster.remove_temp_dirs()
         cluster.drop_databases()
         cluster.clear_redis()
 
@@ -365,13 +401,6 @@ def job_state(client: httpx.Client, job_id: str, states: tuple[str, ...]) -> dic
     return job if job["state"] in states else None
 
 
-def step_history(cluster: Topology, run_id: str) -> list[tuple[int, int]]:
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(cluster.mlflow).get_metric_history(run_id, "train/step")
-    return sorted((m.timestamp, int(m.value)) for m in history)
-
-
 def sweep_survives_losing_a_node(cluster: Topology) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
@@ -381,15 +410,24 @@ def sweep_survives_losing_a_node(cluster: Topology) -> dict[str, Any]:
         check(created.status_code == 202, f"sweep refused: {created.text}")
         sweep_id = created.json()["id"]
 
-        def both_trials_training() -> list | None:
-            trials = client.get(f"/v1/jobs/{sweep_id}/progress").json().get("trials") or []
-            if len(trials) == 2 and all(t["epoch"] >= 1.25 for t in trials):
-                return trials
-            return None
+        nodes_in_use: set[str] = set()
+        second_node = cluster.node_ids["ray-node-2"]
 
-        wait_for(both_trials_training, 420, "both trials to pass their first checkpoint", 2)
-        nodes_in_use = cluster.worker_nodes_of_trials()
-        check(len(nodes_in_use) == 2, f"trial workers run on {len(nodes_in_use)} node(s), not 2")
+        def second_node_trains_past_a_checkpoint() -> bool:
+            nodes = cluster.worker_nodes_of_trials()
+            nodes_in_use.update(nodes)
+            # Ray Train's snapshot of each trial's registered checkpoints (what it restores).
+            snapshots = list(cluster.storage.glob(f"{sweep_id}-*/checkpoint_manager_snapshot.json"))
+            registered = [p for p in snapshots if "epoch-0" in p.read_text()]
+            return second_node in nodes and len(registered) == 2
+
+        wait_for(
+            second_node_trains_past_a_checkpoint,
+            420,
+            "trials on both nodes past their first checkpoint",
+            1,
+        )
+        check(len(nodes_in_use) == 2, f"trial workers ran on {len(nodes_in_use)} node(s), not 2")
         killed_at_ms = int(time.time() * 1000)
         kill_tree(cluster.processes["ray-node-2"])
         cluster.start_node("ray-node-3")
@@ -413,15 +451,14 @@ def sweep_survives_losing_a_node(cluster: Topology) -> dict[str, Any]:
     resumed = []
     for child in children:
         check(child.info.status == "FINISHED", f"trial run {child.info.run_id} {child.info.status}")
-        history = step_history(cluster, child.info.run_id)
-        steps = [step for _, step in history]
-        # A trial restored from a checkpoint logs some steps again (those after the checkpoint).
-        if len(steps) != len(set(steps)):
-            after = [step for ts, step in history if ts > killed_at_ms]
-            resumed.append({"run_id": child.info.run_id, "first_step_after_loss": min(after)})
-    check(resumed, "no trial was interrupted and resumed; the lost node ran nothing?")
+        # Rank 0 logs train/resumed_at_step each time Ray Train restores a checkpoint.
+        restores = mlflow.get_metric_history(child.info.run_id, "train/resumed_at_step")
+        after = [int(m.value) for m in restores if m.timestamp > killed_at_ms]
+        if after:
+            resumed.append({"run_id": child.info.run_id, "resumed_at_step": min(after)})
+    check(resumed, "no trial was restored from a checkpoint after the node was lost")
     check(
-        all(r["first_step_after_loss"] > STEPS_PER_EPOCH for r in resumed),
+        all(r["resumed_at_step"] > 0 for r in resumed),
         f"a trial restarted from scratch instead of its checkpoint: {resumed}",
     )
     return {
@@ -480,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-head-restart", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     report: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="sparkorch-rehearsal-"))
     started = time.monotonic()

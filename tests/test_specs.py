@@ -762,7 +762,8 @@ def test_flat_params() -> None:
     assert flat["tracking.experiment"] == "None"
     # One entry per leaf field, every section present.
     assert {key.split(".")[0] for key in flat} == SECTIONS - {"tags"}
-    assert len(flat) == 48
+    assert flat["failures.resubmit_on_loss"] == "True"
+    assert len(flat) == 49
 
 
 def test_json_schema_lists_the_sections() -> None:

@@ -53,6 +53,11 @@ class RayUnavailable(RuntimeError):
     """The Ray dashboard (Job Submission API) cannot be reached."""
 
 
+def _not_found(error: RuntimeError) -> bool:
+    """Ray's SDK reports an unknown submission id only in the error's text."""
+    return "404" in str(error) or "does not exist" in str(error)
+
+
 class RayJobs:
     """A thin, lazily connected wrapper of Ray's ``JobSubmissionClient``."""
 
@@ -125,7 +130,7 @@ class RayJobs:
         try:
             info = self._call("get_job_info", job_id)
         except RuntimeError as error:
-            if "404" in str(error) or "does not exist" in str(error):
+            if _not_found(error):
                 return None
             raise RayUnavailable(str(error)) from error
         status = info.status.value if hasattr(info.status, "value") else info.status
@@ -135,7 +140,7 @@ class RayJobs:
         try:
             return bool(self._call("stop_job", job_id))
         except RuntimeError as error:
-            if "404" in str(error) or "does not exist" in str(error):
+            if _not_found(error):
                 return False
             raise
 
@@ -143,7 +148,7 @@ class RayJobs:
         try:
             return str(self._call("get_job_logs", job_id))
         except RuntimeError as error:
-            if "404" in str(error) or "does not exist" in str(error):
+            if _not_found(error):
                 return ""
             raise RayUnavailable(str(error)) from error
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -60,11 +62,28 @@ def job_out(request: Request, service: Any, job: Job) -> JobOut:
     return JobOut(**fields, links=job_links(request, service, job))
 
 
-def _get(service: Service, owner: str, job_id: str) -> Job:
+# How the service's domain errors answer over HTTP (one table for every route).
+DOMAIN_ERRORS: dict[type[Exception], int] = {
+    JobNotFound: 404,
+    JobFinished: 409,
+    JobNotHeld: 409,
+    IdempotencyConflict: 409,
+}
+
+
+@contextmanager
+def domain_errors() -> Iterator[None]:
     try:
+        yield
+    except tuple(DOMAIN_ERRORS) as error:
+        raise ProblemException(DOMAIN_ERRORS[type(error)], str(error)) from None
+    except RayUnavailable as error:
+        raise ProblemException(503, f"Ray is unavailable: {error}") from None
+
+
+def _get(service: Service, owner: str, job_id: str) -> Job:
+    with domain_errors():
         return service.get(owner, job_id)
-    except JobNotFound as error:
-        raise ProblemException(404, str(error)) from None
 
 
 @router.post(
@@ -84,15 +103,16 @@ def create_job(
     idempotency_key: IDEMPOTENCY_KEY = None,
 ) -> JobOut:
     try:
-        job, created = service.create(owner, body.kind, body.spec, idempotency_key, hold=body.hold)
+        with domain_errors():
+            job, created = service.create(
+                owner, body.kind, body.spec, idempotency_key, hold=body.hold
+            )
     except SpecError as error:
         raise ProblemException(422, "the spec does not validate", errors=error.errors) from None
     except QuotaExceeded as error:
         raise ProblemException(422, str(error), errors=error.errors) from None
     except QueueFull as error:
         raise ProblemException(429, str(error), headers={"Retry-After": "60"}) from None
-    except IdempotencyConflict as error:
-        raise ProblemException(409, str(error)) from None
     if not created:
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -144,14 +164,8 @@ def get_job(job_id: str, request: Request, owner: Owner, service: Service) -> Jo
     summary="Cancel a job (idempotent; a finished job answers 409)",
 )
 def cancel_job(job_id: str, request: Request, owner: Owner, service: Service) -> JobOut:
-    try:
+    with domain_errors():
         job = service.cancel(owner, job_id)
-    except JobNotFound as error:
-        raise ProblemException(404, str(error)) from None
-    except JobFinished as error:
-        raise ProblemException(409, str(error)) from None
-    except RayUnavailable as error:
-        raise ProblemException(503, f"Ray is unavailable: {error}") from None
     return job_out(request, service, job)
 
 
@@ -163,12 +177,8 @@ def cancel_job(job_id: str, request: Request, owner: Owner, service: Service) ->
     summary="Queue a job submitted with hold=true (409 when it is not held)",
 )
 def release_job(job_id: str, request: Request, owner: Owner, service: Service) -> JobOut:
-    try:
+    with domain_errors():
         job = service.release(owner, job_id)
-    except JobNotFound as error:
-        raise ProblemException(404, str(error)) from None
-    except JobNotHeld as error:
-        raise ProblemException(409, str(error)) from None
     return job_out(request, service, job)
 
 
@@ -191,10 +201,8 @@ def job_logs(
         if job.submissions == 0:
             raise ProblemException(404, f"job {job_id} has not started yet; no log to follow")
         return StreamingResponse(_follow(service, job_id), media_type="text/plain")
-    try:
+    with domain_errors():
         return LogsOut(job_id=job.id, lines=service.logs(job, tail))
-    except RayUnavailable as error:
-        raise ProblemException(503, f"Ray is unavailable: {error}") from None
 
 
 async def _follow(service: Service, job_id: str) -> Any:

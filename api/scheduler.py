@@ -1,9 +1,11 @@
 """Ray Job Submission and the reconciler that keeps the job store in step with Ray.
 
-Every job is submitted with ``submission_id`` = job id and a fixed entrypoint,
-``<python> -m jobs.<kind> --job-id <uuid>``: the id is a UUID the service made, the kind one
-of two literals, the interpreter a setting; no user string reaches Ray. The environment of
-the job driver comes from the service's own settings, never from the request.
+Every job is submitted with a fixed entrypoint, ``<python> -m jobs.<kind> --job-id <uuid>``:
+the id is a UUID the service made, the kind one of two literals, the interpreter a setting;
+no user string reaches Ray. The environment of the job driver comes from the service's own
+settings, never from the request. The Ray submission id is the job id for the first
+submission and ``<job id>-<n>`` for the n-th (``submission_id``): Ray never forgets a
+submission id, and a job whose driver died with its node must be submitted again.
 
 The reconciler runs every ``reconcile_interval_s``; each pass looks at every active job:
 
@@ -12,10 +14,14 @@ The reconciler runs every ``reconcile_interval_s``; each pass looks at every act
 * ``SUBMITTING``: the service stopped between writing the state and hearing back from Ray.
   Ray is asked for the submission id: known, the job moves on; unknown, it is submitted
   (it never was). Nothing is ever submitted twice.
-* ``PENDING``/``RUNNING``: Ray's state is copied. A job Ray no longer knows (the cluster
-  restarted) is submitted again when its spec allows it and
+* ``PENDING``/``RUNNING``: Ray's state is copied. A job is *lost* when Ray no longer knows
+  it (the cluster was replaced), when Ray still says it runs but its driver's node is DEAD
+  (the Ray head restarted under GCS fault tolerance: Ray 2.60 keeps such a job RUNNING
+  forever), or when Ray failed it because its job supervisor died (``LOST_ERROR_TYPES``).
+  A lost job is submitted again when its spec allows it and
   ``submissions < max_submissions`` (the same job id resumes its checkpoints and MLflow
-  run), else marked FAILED with the reason.
+  run), else marked FAILED with the reason. Dead nodes are listed once per pass, and only
+  when a job on Ray has a driver node.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import logging
 import shlex
 import sys
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.jobstore import ACTIVE_STATES, ON_RAY_STATES, Job, JobStore
@@ -42,11 +51,33 @@ RAY_TO_STORE = {
 }
 
 
+# Ray's job error types that say the infrastructure, not the job's program, failed.
+LOST_ERROR_TYPES = frozenset(
+    {
+        "JOB_SUPERVISOR_ACTOR_DIED",
+        "JOB_SUPERVISOR_ACTOR_UNKNOWN_FAILURE",
+        "JOB_SUPERVISOR_ACTOR_START_FAILURE",
+    }
+)
+
+
 @dataclass(frozen=True)
 class RayJobStatus:
     status: str
     message: str
     error_type: str
+    driver_node_id: str = ""
+
+
+def submission_id(job: Job) -> str:
+    """The Ray submission id of the job's latest submission (the job id, then ``<id>-<n>``)."""
+    return job.id if job.submissions <= 1 else f"{job.id}-{job.submissions}"
+
+
+def submission_ids(job: Job) -> list[str]:
+    """Every Ray submission id the job has had, oldest first."""
+    ids = [job.id] if job.submissions >= 1 else []
+    return ids + [f"{job.id}-{n}" for n in range(2, job.submissions + 1)]
 
 
 class RayUnavailable(RuntimeError):
@@ -115,46 +146,68 @@ class RayJobs:
         return env
 
     def submit(self, job: Job) -> None:
+        """Submit ``job`` as its latest submission (``job.submissions`` already counts it)."""
         self._call(
             "submit_job",
             entrypoint=self.entrypoint(job),
-            submission_id=job.id,
+            submission_id=submission_id(job),
             runtime_env={"env_vars": self.driver_env()}
             if self.settings.forward_driver_env
             else None,
             metadata={"owner": job.owner, "kind": job.kind, "name": job.name},
         )
 
-    def status(self, job_id: str) -> RayJobStatus | None:
-        """Ray's view of the job, or None when Ray does not know it."""
+    def status(self, ray_id: str) -> RayJobStatus | None:
+        """Ray's view of one submission, or None when Ray does not know it."""
         try:
-            info = self._call("get_job_info", job_id)
+            info = self._call("get_job_info", ray_id)
         except RuntimeError as error:
             if _not_found(error):
                 return None
             raise RayUnavailable(str(error)) from error
         status = info.status.value if hasattr(info.status, "value") else info.status
-        return RayJobStatus(str(status), info.message or "", str(info.error_type or ""))
+        error_type = getattr(info.error_type, "value", info.error_type)
+        return RayJobStatus(
+            str(status),
+            info.message or "",
+            str(error_type or ""),
+            str(getattr(info, "driver_node_id", None) or ""),
+        )
 
-    def stop(self, job_id: str) -> bool:
+    def stop(self, ray_id: str) -> bool:
         try:
-            return bool(self._call("stop_job", job_id))
+            return bool(self._call("stop_job", ray_id))
         except RuntimeError as error:
             if _not_found(error):
                 return False
             raise
 
-    def logs(self, job_id: str) -> str:
+    def logs(self, ray_id: str) -> str:
         try:
-            return str(self._call("get_job_logs", job_id))
+            return str(self._call("get_job_logs", ray_id))
         except RuntimeError as error:
             if _not_found(error):
                 return ""
             raise RayUnavailable(str(error)) from error
 
-    async def tail(self, job_id: str) -> Any:
-        async for chunk in self.client().tail_job_logs(job_id):
+    async def tail(self, ray_id: str) -> Any:
+        async for chunk in self.client().tail_job_logs(ray_id):
             yield chunk
+
+    def dead_nodes(self) -> frozenset[str]:
+        """Ids of the nodes Ray's state API lists as DEAD."""
+        from ray.util.state import list_nodes
+
+        try:
+            nodes = list_nodes(
+                address=self.settings.ray_dashboard_url,
+                filters=[("state", "=", "DEAD")],
+                limit=10_000,
+                raise_on_missing_output=False,
+            )
+        except Exception as error:  # the state API raises its own types for HTTP failures
+            raise RayUnavailable(f"listing Ray's nodes: {error}") from error
+        return frozenset(node.node_id for node in nodes)
 
     def ping(self) -> None:
         self._call("get_version")
@@ -194,11 +247,21 @@ class Reconciler:
         self._wake.set()
 
     def _loop(self) -> None:
+        unavailable_since: float | None = None
         while not self._stop.is_set():
             try:
                 self.reconcile_once()
+                if unavailable_since is not None:
+                    logger.warning(
+                        "reconciler: Ray reachable again after %.0f s",
+                        time.monotonic() - unavailable_since,
+                    )
+                    unavailable_since = None
             except RayUnavailable as error:
-                logger.warning("reconciler: Ray unavailable (%s); retrying", error)
+                # One warning per outage; every retry at DEBUG.
+                level = logging.DEBUG if unavailable_since is not None else logging.WARNING
+                unavailable_since = unavailable_since or time.monotonic()
+                logger.log(level, "reconciler: Ray unavailable (%s); retrying", error)
             except Exception:
                 logger.exception("reconciler pass failed; retrying")
             self._wake.wait(self.settings.reconcile_interval_s)
@@ -212,6 +275,7 @@ class Reconciler:
         for job in jobs:
             if job.state in ON_RAY_STATES:
                 running[job.owner] = running.get(job.owner, 0) + 1
+        dead_nodes = _Lazy(self.ray_jobs.dead_nodes)
         for job in jobs:
             if job.state == "HELD":
                 continue
@@ -223,7 +287,7 @@ class Reconciler:
             elif job.state == "SUBMITTING":
                 self._recover_submitting(job)
             else:
-                self._follow(job)
+                self._follow(job, dead_nodes)
 
     def _submit(self, job: Job, *, expect: str) -> bool:
         if job.cancel_requested:
@@ -232,12 +296,13 @@ class Reconciler:
             job.id, expect_states=[expect], state="SUBMITTING", submissions=job.submissions + 1
         ):
             return False  # another pass (or a cancel) got there first
+        job = replace(job, submissions=job.submissions + 1)
         try:
             self.ray_jobs.submit(job)
         except RayUnavailable:
             raise  # stays SUBMITTING; the next pass asks Ray whether it arrived
         except Exception as error:
-            if self.ray_jobs.status(job.id) is None:
+            if self.ray_jobs.status(submission_id(job)) is None:
                 self.store.update(
                     job.id,
                     expect_states=["SUBMITTING"],
@@ -246,11 +311,17 @@ class Reconciler:
                 )
                 return False
         self.store.update(job.id, expect_states=["SUBMITTING"], state="PENDING", message=None)
-        logger.info("submitted job %s (%s, owner %s)", job.id, job.kind, job.owner)
+        logger.info(
+            "submitted job %s as %s (%s, owner %s)",
+            job.id,
+            submission_id(job),
+            job.kind,
+            job.owner,
+        )
         return True
 
     def _recover_submitting(self, job: Job) -> None:
-        if self.ray_jobs.status(job.id) is not None:
+        if self.ray_jobs.status(submission_id(job)) is not None:
             self.store.update(job.id, expect_states=["SUBMITTING"], state="PENDING")
             return
         logger.info("job %s was never received by Ray: submitting it", job.id)
@@ -259,25 +330,37 @@ class Reconciler:
         if fresh is not None:
             self._submit(fresh, expect="SUBMITTING")
 
-    def _follow(self, job: Job) -> None:
-        found = self.ray_jobs.status(job.id)
+    def _follow(self, job: Job, dead_nodes: _Lazy) -> None:
+        found = self.ray_jobs.status(submission_id(job))
         if found is None:
-            self._lost(job)
+            self._lost(job, "Ray no longer knows the job (the cluster was replaced)")
             return
-        ray_status, message = found.status, found.message
-        state = RAY_TO_STORE.get(ray_status, job.state)
+        if (
+            found.status in ("PENDING", "RUNNING")
+            and found.driver_node_id
+            and found.driver_node_id in dead_nodes()
+        ):
+            self._lost(job, "the job's driver died with its node (the Ray head restarted?)")
+            return
+        if found.status == "FAILED" and found.error_type in LOST_ERROR_TYPES:
+            self._lost(job, f"Ray lost the job's supervisor: {found.message}")
+            return
+        state = RAY_TO_STORE.get(found.status, job.state)
         if state == job.state:
             return
         values: dict[str, Any] = {"state": state}
         if state == "FAILED":
-            values["message"] = message or "the job driver failed; see GET /logs"
+            values["message"] = found.message or "the job driver failed; see GET /logs"
         elif state == "CANCELLED":
             values["message"] = "cancelled"
         if state == "RUNNING" and job.started_at is not None:
             values["started_at"] = job.started_at
         self.store.update(job.id, expect_states=ACTIVE_STATES, **values)
 
-    def _lost(self, job: Job) -> None:
+    def _lost(self, job: Job, why: str) -> None:
+        # Best effort: a submission Ray still lists as running must not run twice.
+        with suppress(RayUnavailable, RuntimeError):
+            self.ray_jobs.stop(submission_id(job))
         if job.cancel_requested:
             self.store.update(job.id, expect_states=ACTIVE_STATES, state="CANCELLED")
             return
@@ -286,21 +369,34 @@ class Reconciler:
                 job.id,
                 expect_states=[job.state],
                 state="FAILED",
-                message="Ray lost the job and its spec says failures.resubmit_on_loss: false",
+                message=f"{why}; its spec says failures.resubmit_on_loss: false",
             )
             return
         if job.submissions < self.settings.max_submissions:
-            logger.warning("Ray lost job %s (cluster restarted?): submitting it again", job.id)
+            logger.warning("lost job %s (%s): submitting it again", job.id, why)
             self.store.update(
                 job.id,
                 expect_states=[job.state],
                 state="QUEUED",
-                message="Ray lost the job (cluster restarted); resubmitting",
+                message=f"{why}; resubmitting",
             )
             return
         self.store.update(
             job.id,
             expect_states=[job.state],
             state="FAILED",
-            message=f"Ray lost the job and it was already submitted {job.submissions} times",
+            message=f"{why}; it was already submitted {job.submissions} times",
         )
+
+
+class _Lazy:
+    """A value computed on first use and then kept (one dead-node listing per pass)."""
+
+    def __init__(self, compute: Callable[[], frozenset[str]]) -> None:
+        self._compute = compute
+        self._value: frozenset[str] | None = None
+
+    def __call__(self) -> frozenset[str]:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value

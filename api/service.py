@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.scheduler import RayJobs, Reconciler
+from api.scheduler import RayJobs, Reconciler, submission_id, submission_ids
 from orchestrator.jobstore import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -142,7 +142,8 @@ class JobService:
         ):
             return self.get(owner, job_id)
         self.store.update(job_id, expect_states=ACTIVE_STATES, cancel_requested=True)
-        if not self.ray_jobs.stop(job_id) and self.ray_jobs.status(job_id) is None:
+        ray_id = submission_id(job)
+        if not self.ray_jobs.stop(ray_id) and self.ray_jobs.status(ray_id) is None:
             self.store.update(job_id, expect_states=ACTIVE_STATES, state="CANCELLED")
         self.reconciler.wake()
         return self.get(owner, job_id)
@@ -178,9 +179,17 @@ class JobService:
         )
 
     def logs(self, job: Job, tail: int) -> list[str]:
-        if job.submissions == 0:
-            return []
-        return self.ray_jobs.logs(job.id).splitlines()[-tail:]
+        """The last ``tail`` lines of the drivers' logs, every submission in order."""
+        lines: list[str] = []
+        for number, ray_id in enumerate(submission_ids(job), start=1):
+            if number > 1:
+                lines.append(f"--- submission {number} (Ray submission {ray_id}) ---")
+            lines += self.ray_jobs.logs(ray_id).splitlines()
+        return lines[-tail:]
+
+    def follow_logs(self, job: Job) -> Any:
+        """The latest submission's log as it is written (an async iterator of text)."""
+        return self.ray_jobs.tail(submission_id(job))
 
     def progress(self, job: Job) -> dict[str, Any]:
         from orchestrator.progress import read_progress, read_trials

@@ -24,7 +24,7 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import TokenRegistry, issue_token
-from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS, configure_ray_auth
+from orchestrator.cluster import init_local_cluster
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import read_spec_file
 
@@ -50,21 +50,8 @@ def local_token(settings: OrchestratorSettings) -> str:
 
 def start_ray(settings: OrchestratorSettings) -> str:
     """A local Ray head owned by this process; returns its dashboard URL."""
-    import ray
-
-    configure_ray_auth(settings)
     port = int(settings.ray_dashboard_url.rsplit(":", 1)[-1].rstrip("/"))
-    # address="local": our own cluster even when `ray start` left one on this machine.
-    context = ray.init(
-        address="local",
-        num_cpus=settings.ray_num_cpus,
-        resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        logging_config=ray.LoggingConfig(log_level="WARNING"),
-    )
-    return f"http://{context.dashboard_url}"
+    return init_local_cluster(settings, dashboard_port=port)
 
 
 def start_mlflow_ui(settings: OrchestratorSettings) -> subprocess.Popen:

@@ -48,7 +48,7 @@ def configure_ray_auth(settings: OrchestratorSettings) -> Path:
     if os.environ.get("RAY_AUTH_TOKEN"):
         # The token itself is in the environment (a container's secret); Ray reads it there.
         os.environ["RAY_AUTH_MODE"] = "token"
-        _refresh_ray_auth_config()
+        refresh_ray_auth_config()
         return path
     if settings.ray_address is None:
         ensure_token_file(path)
@@ -59,11 +59,11 @@ def configure_ray_auth(settings: OrchestratorSettings) -> Path:
         )
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
-    _refresh_ray_auth_config()
+    refresh_ray_auth_config()
     return path
 
 
-def _refresh_ray_auth_config() -> None:
+def refresh_ray_auth_config() -> None:
     """Make an already imported Ray re-read the auth settings from the environment.
 
     Ray caches its config (and the token) when first imported; Ray's own ``ray.init`` does
@@ -77,6 +77,29 @@ def _refresh_ray_auth_config() -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | None = None) -> str:
+    """Start a Ray cluster owned by this process; returns its dashboard URL.
+
+    The dashboard hosts the state API that Ray Train's clean-up actor queries.
+    ``address="local"``: a new cluster even when ``ray start`` left one on this machine (a
+    bare ``ray.init()`` would join that one).
+    """
+    import ray
+
+    configure_ray_auth(settings)
+    port = {} if dashboard_port is None else {"dashboard_port": dashboard_port}
+    context = ray.init(
+        address="local",
+        num_cpus=settings.ray_num_cpus,
+        resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_config=ray.LoggingConfig(log_level="WARNING"),
+        **port,
+    )
+    return f"http://{context.dashboard_url}"
 
 
 @contextmanager
@@ -95,17 +118,7 @@ def ray_session(settings: OrchestratorSettings) -> Iterator[None]:
     if settings.ray_address:
         ray.init(address=settings.ray_address, logging_config=quiet)
     else:
-        # The dashboard hosts the state API that Ray Train's clean-up actor queries.
-        # address="local": a new cluster even when `ray start` left one on this machine
-        # (a bare ray.init() would join that one).
-        ray.init(
-            address="local",
-            num_cpus=settings.ray_num_cpus,
-            resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            logging_config=quiet,
-        )
+        init_local_cluster(settings)
     if threading.current_thread() is threading.main_thread() and sigterm_handler is not None:
         signal.signal(signal.SIGTERM, sigterm_handler)
     try:

@@ -163,6 +163,19 @@ class Row:
         return "/".join(sorted(set(self.statuses)))
 
 
+class SweepFailed(RuntimeError):
+    """Every trial of the sweep failed: there is no result to compare."""
+
+
+def check_some_trial_finished(rows: Sequence[Row]) -> None:
+    """Raise :class:`SweepFailed` when no trial of any row ended FINISHED or STOPPED."""
+    if rows and all(set(row.statuses) <= {"FAILED"} for row in rows):
+        raise SweepFailed(
+            f"all {sum(len(r.statuses) for r in rows)} trials failed; the table is logged, "
+            "and each trial's error is in its MLflow run and the job's log"
+        )
+
+
 def _trial_status(result: Any) -> str:
     if result.error is not None:
         return "FAILED"
@@ -457,6 +470,7 @@ def run_sweep(
         columns, records = _log_table(sweep, ref, rows)
         best_row = _best(sweep, rows)
         best = _log_best(sweep, ref, best_row) if best_row is not None else None
+        check_some_trial_finished(rows)
         status = "FINISHED"
         return SweepResult(
             job_id,

@@ -44,6 +44,7 @@ import sqlalchemy as sa
 
 from api.auth import issue_token
 from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
+from orchestrator.processes import kill_tree as kill_process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,24 +103,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with suppress(OSError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process and everything below it (what losing a machine looks like)."""
-    for pid in [process.pid, *descendants(process.pid)]:
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_process_tree(process.pid)
     with suppress(subprocess.TimeoutExpired):
         process.wait(timeout=30)
 
@@ -159,9 +145,9 @@ class Topology:
         self.api_token = ""
         # This process queries the cluster's state API too: same token.
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.ray_token))
-        from orchestrator.cluster import _refresh_ray_auth_config
+        from orchestrator.cluster import refresh_ray_auth_config
 
-        _refresh_ray_auth_config()
+        refresh_ray_auth_config()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -423,7 +409,7 @@ def sweep_survives_losing_a_node(cluster: Topology) -> dict[str, Any]:
 
         wait_for(
             second_node_trains_past_a_checkpoint,
-            420,
+            600,
             "trials on both nodes past their first checkpoint",
             1,
         )
@@ -501,12 +487,30 @@ def head_restart_keeps_the_cluster(cluster: Topology) -> dict[str, Any]:
         )
     check(done["state"] == "SUCCEEDED", f"job ended {done['state']}: {done['message']}")
     check(done["submissions"] == 2, f"expected one resubmission, got {done['submissions']}")
+    from mlflow.tracking import MlflowClient
+
+    run_id = done["mlflow_run_id"]
+    restores = MlflowClient(cluster.mlflow).get_metric_history(run_id, "train/resumed_at_step")
+    check(restores and restores[-1].value > 0, f"not resumed from a checkpoint: {restores}")
     return {
         "job_id": job_id,
         "worker_node_survived": True,
         "submissions": done["submissions"],
+        "resumed_at_step": int(restores[-1].value),
         "seconds_from_restart_to_success": round(time.monotonic() - restarted_at, 1),
     }
+
+
+def busiest_processes(count: int = 12) -> list[str]:
+    """What else used the CPUs when a check timed out (this machine has two)."""
+    ps = subprocess.run(
+        ["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True
+    )
+    return [line[:160] for line in ps.stdout.splitlines()[: count + 1]]
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the clean-up below
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     report: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="sparkorch-rehearsal-"))
     started = time.monotonic()
@@ -538,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             except CheckFailed as failure:
                 report["failed"] = str(failure)
                 report["logs"] = {name: cluster.log_tail(name, 1500) for name in cluster.processes}
+                report["busiest_processes"] = busiest_processes()
     finally:
         report["wall_time_s"] = round(time.monotonic() - started, 1)
         if args.keep_logs:

@@ -60,7 +60,9 @@ def ray_submissions(ray_cluster: RayTestCluster, job_id: str) -> int:
     from ray.job_submission import JobSubmissionClient
 
     jobs = JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
-    return sum(1 for job in jobs if job.submission_id == job_id)
+    ids = [job.submission_id or "" for job in jobs]
+    # The n-th submission of a job is `<job id>-<n>` (api/scheduler.py::submission_id).
+    return sum(1 for ray_id in ids if ray_id == job_id or ray_id.startswith(f"{job_id}-"))
 
 
 def test_a_job_runs_through_ray_and_reports_back(
@@ -216,13 +218,16 @@ def test_jobs_ray_lost_are_resubmitted_or_failed(ray_cluster: RayTestCluster) ->
     token = issue_token(settings.tokens_file, "erin")
     with ApiServer(settings) as api, api.client(token) as client:
         gave_up = wait_for(lambda: job_state(client, jobs[1], ("FAILED",)), 60, "FAILED")
-        assert "Ray lost the job" in gave_up["message"]
+        assert "Ray no longer knows the job" in gave_up["message"]
+        assert "already submitted 2 times" in gave_up["message"]
         refused = wait_for(lambda: job_state(client, jobs[2], ("FAILED",)), 60, "FAILED")
         assert "resubmit_on_loss: false" in refused["message"]
         resubmitted = wait_for(
             lambda: job_state(client, jobs[0], ("RUNNING", "SUCCEEDED")), 120, "resubmission"
         )
         assert resubmitted["submissions"] == 2
+        lines = client.get(f"/v1/jobs/{jobs[0]}/logs").json()["lines"]
+        assert f"--- submission 2 (Ray submission {jobs[0]}-2) ---" in lines
         client.post(f"/v1/jobs/{jobs[0]}/cancel")
         wait_for(lambda: job_state(client, jobs[0], ("CANCELLED", "SUCCEEDED")), 120, "cancel")
     assert ray_submissions(ray_cluster, jobs[0]) == 1

@@ -392,3 +392,13 @@ def test_random_search_space_samples_every_distribution() -> None:
     assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
     assert {space["spark.decoder_depth"].sample() for _ in range(50)} <= {1, 2, 3}
     assert space[SEED_KEY] == sweep.seeds[0]
+
+
+def test_a_sweep_whose_every_trial_failed_fails() -> None:
+    from orchestrator.sweeps import Row, SweepFailed, check_some_trial_finished
+
+    failed = Row("", {"spark.mask_ratio": 0.5}, statuses=["FAILED", "FAILED"])
+    with pytest.raises(SweepFailed, match="all 3 trials failed"):
+        check_some_trial_finished([failed, Row("", {"spark.mask_ratio": 0.7}, statuses=["FAILED"])])
+    check_some_trial_finished([failed, Row("", {"spark.mask_ratio": 0.7}, statuses=["STOPPED"])])
+    check_some_trial_finished([Row("", {}, statuses=["FAILED", "FINISHED"])])

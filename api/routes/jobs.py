@@ -200,14 +200,14 @@ def job_logs(
     if follow:
         if job.submissions == 0:
             raise ProblemException(404, f"job {job_id} has not started yet; no log to follow")
-        return StreamingResponse(_follow(service, job_id), media_type="text/plain")
+        return StreamingResponse(_follow(service, job), media_type="text/plain")
     with domain_errors():
         return LogsOut(job_id=job.id, lines=service.logs(job, tail))
 
 
-async def _follow(service: Service, job_id: str) -> Any:
+async def _follow(service: Service, job: Job) -> Any:
     try:
-        async for chunk in service.ray_jobs.tail(job_id):
+        async for chunk in service.follow_logs(job):
             yield chunk
     except (RuntimeError, OSError, asyncio.CancelledError):
         return

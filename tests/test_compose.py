@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 INTERNAL = {"ray-head", "ray-worker", "postgres", "minio", "minio-init", "redis"}
 ONE_SHOT = {"minio-init"}
-SECRET = re.compile(r"PASSWORD|TOKEN|SECRET|SHA256|ACCESS_KEY")
+# An S3 access key id is a user name (AWS_ACCESS_KEY_ID); its secret key is the secret.
+SECRET = re.compile(r"PASSWORD|TOKEN|SECRET|SHA256")
 VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)([^}]*)\}")
 
 
@@ -110,6 +111,28 @@ def test_ray_token_auth_and_storage_on_every_ray_client(compose: dict) -> None:
     mlflow = " ".join(compose["services"]["mlflow"]["command"])
     assert "--serve-artifacts" in mlflow and "--allowed-hosts" in mlflow
     assert "basic-auth" in mlflow
+
+
+def test_minio_root_credentials_stay_in_minio_and_each_user_gets_one_bucket(
+    compose: dict,
+) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        if name not in ("minio", "minio-init"):
+            assert "MINIO_ROOT" not in str(service), f"{name} sees MinIO's root credentials"
+    users = {
+        name: services[name]["environment"]["AWS_ACCESS_KEY_ID"]
+        for name in ("api", "ray-head", "ray-worker", "mlflow")
+    }
+    assert users == {
+        "api": "ray-storage",
+        "ray-head": "ray-storage",
+        "ray-worker": "ray-storage",
+        "mlflow": "mlflow-artifacts",
+    }
+    init = services["minio-init"]["entrypoint"][-1]
+    assert "grant sparkorch ray-storage" in init and "grant mlflow mlflow-artifacts" in init
+    assert '"arn:aws:s3:::%s","arn:aws:s3:::%s/*"' in init  # the policy names one bucket
 
 
 def test_gpu_override_requests_gpus() -> None:

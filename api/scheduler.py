@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -85,8 +84,10 @@ class RayUnavailable(RuntimeError):
 
 
 def _not_found(error: RuntimeError) -> bool:
-    """Ray's SDK reports an unknown submission id only in the error's text."""
-    return "404" in str(error) or "does not exist" in str(error)
+    """Ray's SDK reports an unknown submission id only in the error's text
+    (``Request failed with status code 404: ...``). A connection error is never "not found",
+    even when its text holds a URL with 404 in it."""
+    return not isinstance(error, RayUnavailable) and "status code 404" in str(error)
 
 
 class RayJobs:
@@ -275,7 +276,7 @@ class Reconciler:
         for job in jobs:
             if job.state in ON_RAY_STATES:
                 running[job.owner] = running.get(job.owner, 0) + 1
-        dead_nodes = _Lazy(self.ray_jobs.dead_nodes)
+        dead_nodes = _Lazy(self._dead_nodes)
         for job in jobs:
             if job.state == "HELD":
                 continue
@@ -289,20 +290,33 @@ class Reconciler:
             else:
                 self._follow(job, dead_nodes)
 
+    def _dead_nodes(self) -> frozenset[str]:
+        # Without the list no job is taken for lost: a false "lost" would run a job twice.
+        try:
+            return self.ray_jobs.dead_nodes()
+        except RayUnavailable as error:
+            logger.warning("reconciler: cannot list Ray's dead nodes this pass: %s", error)
+            return frozenset()
+
     def _submit(self, job: Job, *, expect: str) -> bool:
+        """QUEUED -> SUBMITTING (counting the submission) -> Ray -> PENDING."""
         if job.cancel_requested:
             return self.store.update(job.id, expect_states=[expect], state="CANCELLED")
         if not self.store.update(
             job.id, expect_states=[expect], state="SUBMITTING", submissions=job.submissions + 1
         ):
             return False  # another pass (or a cancel) got there first
-        job = replace(job, submissions=job.submissions + 1)
+        return self._send(replace(job, state="SUBMITTING", submissions=job.submissions + 1))
+
+    def _send(self, job: Job) -> bool:
+        """Submit a SUBMITTING job as its latest submission; then SUBMITTING -> PENDING."""
+        ray_id = submission_id(job)
         try:
             self.ray_jobs.submit(job)
         except RayUnavailable:
             raise  # stays SUBMITTING; the next pass asks Ray whether it arrived
         except Exception as error:
-            if self.ray_jobs.status(submission_id(job)) is None:
+            if self.ray_jobs.status(ray_id) is None:
                 self.store.update(
                     job.id,
                     expect_states=["SUBMITTING"],
@@ -310,14 +324,14 @@ class Reconciler:
                     message=f"Ray refused the job: {error}",
                 )
                 return False
-        self.store.update(job.id, expect_states=["SUBMITTING"], state="PENDING", message=None)
-        logger.info(
-            "submitted job %s as %s (%s, owner %s)",
-            job.id,
-            submission_id(job),
-            job.kind,
-            job.owner,
-        )
+        if not self.store.update(
+            job.id, expect_states=["SUBMITTING"], state="PENDING", message=None
+        ):
+            # Cancelled while it was being submitted: it must not run unseen.
+            logger.info("job %s was cancelled while being submitted: stopping %s", job.id, ray_id)
+            self.ray_jobs.stop(ray_id)
+            return False
+        logger.info("submitted job %s as %s (%s, owner %s)", job.id, ray_id, job.kind, job.owner)
         return True
 
     def _recover_submitting(self, job: Job) -> None:
@@ -325,26 +339,23 @@ class Reconciler:
             self.store.update(job.id, expect_states=["SUBMITTING"], state="PENDING")
             return
         logger.info("job %s was never received by Ray: submitting it", job.id)
-        self.store.update(job.id, expect_states=["SUBMITTING"], submissions=job.submissions - 1)
-        fresh = self.store.get(job.id)
-        if fresh is not None:
-            self._submit(fresh, expect="SUBMITTING")
+        self._send(job)
 
     def _follow(self, job: Job, dead_nodes: _Lazy) -> None:
-        found = self.ray_jobs.status(submission_id(job))
+        ray_id = submission_id(job)
+        found = self.ray_jobs.status(ray_id)
         if found is None:
             self._lost(job, "Ray no longer knows the job (the cluster was replaced)")
             return
-        if (
-            found.status in ("PENDING", "RUNNING")
-            and found.driver_node_id
-            and found.driver_node_id in dead_nodes()
-        ):
+        on_ray = found.status in ("PENDING", "RUNNING")
+        if on_ray and found.driver_node_id and found.driver_node_id in dead_nodes():
             self._lost(job, "the job's driver died with its node (the Ray head restarted?)")
             return
         if found.status == "FAILED" and found.error_type in LOST_ERROR_TYPES:
             self._lost(job, f"Ray lost the job's supervisor: {found.message}")
             return
+        if on_ray and job.cancel_requested:
+            self.ray_jobs.stop(ray_id)  # a cancel that raced a (re)submission
         state = RAY_TO_STORE.get(found.status, job.state)
         if state == job.state:
             return
@@ -358,9 +369,12 @@ class Reconciler:
         self.store.update(job.id, expect_states=ACTIVE_STATES, **values)
 
     def _lost(self, job: Job, why: str) -> None:
-        # Best effort: a submission Ray still lists as running must not run twice.
-        with suppress(RayUnavailable, RuntimeError):
-            self.ray_jobs.stop(submission_id(job))
+        ray_id = submission_id(job)
+        if self.ray_jobs.stop(ray_id):
+            # Ray still had a live supervisor: wait until it is gone, so that the old
+            # driver and a new submission never run at once.
+            logger.warning("lost job %s (%s): stopping what is left of %s", job.id, why, ray_id)
+            return
         if job.cancel_requested:
             self.store.update(job.id, expect_states=ACTIVE_STATES, state="CANCELLED")
             return

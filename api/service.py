@@ -142,9 +142,13 @@ class JobService:
         ):
             return self.get(owner, job_id)
         self.store.update(job_id, expect_states=ACTIVE_STATES, cancel_requested=True)
-        ray_id = submission_id(job)
-        if not self.ray_jobs.stop(ray_id) and self.ray_jobs.status(ray_id) is None:
-            self.store.update(job_id, expect_states=ACTIVE_STATES, state="CANCELLED")
+        # Re-read: the reconciler may have (re)submitted the job meanwhile. A job still
+        # SUBMITTING is left to the reconciler, which stops what it submitted.
+        job = self.get(owner, job_id)
+        if job.state in ("PENDING", "RUNNING"):
+            ray_id = submission_id(job)
+            if not self.ray_jobs.stop(ray_id) and self.ray_jobs.status(ray_id) is None:
+                self.store.update(job_id, expect_states=[job.state], state="CANCELLED")
         self.reconciler.wake()
         return self.get(owner, job_id)
 

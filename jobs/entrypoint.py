@@ -42,24 +42,14 @@ def parse_args(kind: str, argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _spec_from_store(kind: str, job_id: str, settings: OrchestratorSettings) -> Any:
-    from orchestrator.jobstore import JobStore
-
-    job = JobStore(settings.job_store_url).get(job_id)
+def _spec_from_store(kind: str, job_id: str, store: Any, settings: OrchestratorSettings) -> Any:
+    job = store.get(job_id)
     if job is None:
         raise ValueError(f"job {job_id} is not in the job store {settings.job_store_url}")
     if job.kind != kind:
         raise ValueError(f"job {job_id} is a {job.kind} job, not {kind}")
     roots = settings.allowed_data_roots
     return get_kind(kind).parse(job.spec, data_roots=roots)
-
-
-def _record_run(settings: OrchestratorSettings, job_id: str, ref: Any) -> None:
-    from orchestrator.jobstore import JobStore
-
-    JobStore(settings.job_store_url).update(
-        job_id, mlflow_run_id=ref.run_id, mlflow_experiment_id=ref.experiment_id
-    )
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:
@@ -69,11 +59,14 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     logger = logging.getLogger(f"jobs.{kind}")
     args = parse_args(kind, argv)
     settings = OrchestratorSettings()
-    from_store = args.spec is None
+    store = None
     try:
         job_id = check_job_id(args.job_id) if args.job_id else None
-        if from_store:
-            spec = _spec_from_store(kind, job_id, settings)
+        if args.spec is None:
+            from orchestrator.jobstore import JobStore
+
+            store = JobStore(settings.job_store_url)
+            spec = _spec_from_store(kind, job_id, store, settings)
         else:
             spec = get_kind(kind).load(args.spec, data_roots=settings.allowed_data_roots)
     except (SpecError, ValueError, OSError) as error:
@@ -82,8 +75,10 @@ def main(kind: str, argv: list[str] | None = None) -> int:
 
     def on_run_open(opened_id: str, ref: Any) -> None:
         logger.info("job %s: MLflow %s %s", opened_id, get_kind(kind).run_label, ref.run_id)
-        if from_store:
-            _record_run(settings, opened_id, ref)
+        if store is not None:
+            store.update(
+                opened_id, mlflow_run_id=ref.run_id, mlflow_experiment_id=ref.experiment_id
+            )
 
     try:
         result = run_job(kind, spec, job_id=job_id, settings=settings, on_run_open=on_run_open)

@@ -468,9 +468,9 @@ def run_sweep(
         _mark_stopped_trials(ref, results)
         rows = build_rows(sweep, results)
         columns, records = _log_table(sweep, ref, rows)
+        check_some_trial_finished(rows)
         best_row = _best(sweep, rows)
         best = _log_best(sweep, ref, best_row) if best_row is not None else None
-        check_some_trial_finished(rows)
         status = "FINISHED"
         return SweepResult(
             job_id,

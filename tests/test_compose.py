@@ -133,6 +133,8 @@ def test_minio_root_credentials_stay_in_minio_and_each_user_gets_one_bucket(
     init = services["minio-init"]["entrypoint"][-1]
     assert "grant sparkorch ray-storage" in init and "grant mlflow mlflow-artifacts" in init
     assert '"arn:aws:s3:::%s","arn:aws:s3:::%s/*"' in init  # the policy names one bucket
+    # Objects only: no bucket policy, no deleting the bucket.
+    assert "s3:*" not in init and '"s3:PutObject"' in init and "BucketPolicy" not in init
 
 
 def test_gpu_override_requests_gpus() -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.processes import kill_tree
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rehearse_cluster.py"
 
 
@@ -31,7 +33,11 @@ def test_rehearsal_of_the_cluster_topology(tmp_path: Path) -> None:
         out, err = script.communicate(timeout=1800)
     except subprocess.TimeoutExpired:
         script.send_signal(signal.SIGTERM)  # the script stops everything it started
-        out, err = script.communicate(timeout=120)
+        try:
+            out, err = script.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            kill_tree(script.pid)
+            raise
     report = json.loads(out[out.index("{") :]) if "{" in out else {}
     assert script.returncode == 0, json.dumps(report, indent=2)[-8000:] + err[-4000:]
     sweep = report["sweep"]

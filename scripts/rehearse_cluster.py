@@ -44,6 +44,7 @@ import sqlalchemy as sa
 
 from api.auth import issue_token
 from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
+from orchestrator.processes import alive, descendants
 from orchestrator.processes import kill_tree as kill_process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,7 +213,17 @@ class Topology:
         admin.dispose()
 
     def ray(self, *args: str) -> list[str]:
-        return [str(Path(sys.executable).with_name("ray")), "start", *args, "--block"]
+        # Every port of its own: Ray's defaults (e.g. the dashboard agent's 52365) would
+        # collide with another Ray on this machine (the test suite's), and the Job API
+        # would then talk to the other cluster's agent.
+        ports = {
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+        }
+        own_ports = [f"{flag}={port}" for flag, port in ports.items()]
+        return [str(Path(sys.executable).with_name("ray")), "start", *args, *own_ports, "--block"]
 
     def start_head(self) -> None:
         # Each head start gets its own short temp dir: on one machine, `ray start --head`
@@ -225,6 +236,7 @@ class Topology:
             self.ray(
                 "--head",
                 f"--temp-dir={temp_dir}",
+                f"--ray-client-server-port={free_port()}",
                 f"--port={self.gcs_port}",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={self.dashboard_port}",
@@ -285,6 +297,8 @@ class Topology:
                 "1",
             ],
         )
+
+    def wait_for_mlflow(self) -> None:
         wait_for(
             lambda: httpx.get(f"{self.mlflow}/health", timeout=5).status_code == 200, 180, "MLflow"
         )
@@ -331,16 +345,34 @@ class Topology:
         )
         return {a.node_id for a in actors}
 
+    def jobs_summary(self) -> list[dict[str, Any]]:
+        """The service's and Ray's view of every job (for a failure report)."""
+        summary: list[dict[str, Any]] = []
+        with suppress(Exception), self.client() as client:
+            for job in client.get("/v1/jobs").json()["items"]:
+                summary.append({k: job.get(k) for k in ("id", "kind", "state", "message")})
+        with suppress(Exception):
+            from ray.job_submission import JobSubmissionClient
+
+            for info in JobSubmissionClient(self.dashboard).list_jobs():
+                summary.append({"ray": info.submission_id, "status": str(info.status)})
+        return summary
+
     def stop_all(self) -> None:
-        for name, process in reversed(list(self.processes.items())):
-            if process.poll() is None:
-                with suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    logger.warning("%s ignored SIGTERM; killing it", name)
-            kill_tree(process)
+        """SIGTERM everything at once, give it 10 s, then SIGKILL whatever is left."""
+        running = [p for p in self.processes.values() if p.poll() is None]
+        # The trees are read first: children of an exited parent are no longer below it.
+        trees = set().union(*({p.pid} | descendants(p.pid) for p in running)) if running else set()
+        for process in running:
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for process in running:
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for pid in alive(trees):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def remove_temp_dirs(self) -> None:
         for folder in self.temp_dirs:
@@ -367,9 +399,10 @@ def topology(workdir: Path) -> Iterator[Topology]:
     cluster = Topology(workdir)
     cluster.create_databases()
     try:
-        cluster.start_mlflow()
+        cluster.start_mlflow()  # starts while the Ray head starts
         cluster.start_head()
         cluster.start_node("ray-node-2")
+        cluster.wait_for_mlflow()
         cluster.start_api()
         yield cluster
     finally:
@@ -544,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["failed"] = str(failure)
                 report["logs"] = {name: cluster.log_tail(name, 1500) for name in cluster.processes}
                 report["busiest_processes"] = busiest_processes()
+                report["jobs"] = cluster.jobs_summary()
     finally:
         report["wall_time_s"] = round(time.monotonic() - started, 1)
         if args.keep_logs:

@@ -123,6 +123,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTestClu
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port,
+            # Not Ray's default 52365: another Ray on this machine (the rehearsal's) would
+            # otherwise find its agent port taken.
+            "dashboard_agent_listen_port": free_port(),
             "object_store_memory": 256 * 1024 * 1024,
         },
     )

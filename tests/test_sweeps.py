@@ -329,7 +329,10 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
             )
             if not any(r.data.metrics.get("train/epoch", 0) >= 1 for r in runs):
                 continue
+            # This cluster's state API by address: another Ray on the machine (the
+            # rehearsal's) may have rewritten the "current cluster" file meanwhile.
             actors = list_actors(
+                address=ray_cluster.dashboard_url,
                 filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")],
                 raise_on_missing_output=False,
             )
@@ -338,14 +341,21 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
                 killed.append(actors[0].pid)
                 return
 
-    watcher = threading.Thread(target=kill_first_trial_driver, daemon=True)
+    def watch() -> None:
+        try:
+            kill_first_trial_driver()
+        except Exception as error:  # reported by the assertion below, not lost in a thread
+            errors.append(repr(error))
+
+    errors: list[str] = []
+    watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         result = run_sweep(sweep, job_id="sweep-optuna", settings=ray_cluster.settings)
     finally:
         done.set()
         watcher.join(timeout=30)
-    assert killed, "the trial driver was never killed"
+    assert killed, f"the trial driver was never killed; the watcher's errors: {errors}"
     assert result.status == "FINISHED" and len(result.records) == 2
     assert all(r["status"] == "FINISHED" and r["epochs"] == 2 for r in result.records)
     assert all(0.5 <= r["spark.mask_ratio"] <= 0.8 for r in result.records)

@@ -341,6 +341,7 @@ class Topology:
         actors = list_actors(
             address=self.dashboard,
             filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+            limit=10_000,
             raise_on_missing_output=False,
         )
         return {a.node_id for a in actors}

@@ -295,11 +295,12 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(
 def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestCluster) -> None:
     """Optuna samples two trials; the first trial's driver process is killed mid-training and
     ``max_failures_per_trial`` lets Tune run it again: it resumes its own MLflow run."""
+    import contextlib
     import os
     import signal
     import threading
 
-    from ray.util.state import list_actors
+    from orchestrator.processes import descendants
 
     sweep = parse_sweep(
         {
@@ -317,28 +318,31 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
         },
         data_roots=ray_cluster.settings.allowed_data_roots,
     )
-    client = MlflowClient(ray_cluster.settings.tracking_uri)
     killed: list[int] = []
     done = threading.Event()
 
+    storage = Path(ray_cluster.settings.storage_path)
+
+    def trial_drivers() -> list[int]:
+        """This session's Tune trial drivers: processes titled ``ray::ImplicitFunc...``."""
+        pids = []
+        for pid in descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                    pids.append(pid)
+        return pids
+
     def kill_first_trial_driver() -> None:
-        while not done.wait(1):
-            runs = client.search_runs(
-                [e.experiment_id for e in client.search_experiments()],
-                filter_string="tags.job_id LIKE 'sweep-optuna-%'",
-            )
-            if not any(r.data.metrics.get("train/epoch", 0) >= 1 for r in runs):
+        # Once a trial has registered its first checkpoint, kill the running trial's driver.
+        # (Files and /proc, not MLflow's batched metrics or the state API: both lag.)
+        while not done.wait(0.5):
+            snapshots = storage.glob("sweep-optuna-*/checkpoint_manager_snapshot.json")
+            if not any("epoch-0" in path.read_text() for path in snapshots):
                 continue
-            # This cluster's state API by address: another Ray on the machine (the
-            # rehearsal's) may have rewritten the "current cluster" file meanwhile.
-            actors = list_actors(
-                address=ray_cluster.dashboard_url,
-                filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")],
-                raise_on_missing_output=False,
-            )
-            if actors and actors[0].pid:
-                os.kill(actors[0].pid, signal.SIGKILL)
-                killed.append(actors[0].pid)
+            for pid in trial_drivers():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            if killed:
                 return
 
     def watch() -> None:

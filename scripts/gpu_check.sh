@@ -41,9 +41,12 @@ for k, v in r["ratios"].items():
 PY
     tail -3 "$OUT/bench-$name.err"
 }
-bench eager --variants spark,reference,dense --no-compile
+# Most telling first: each later one is a variant of the compiled step, to keep or drop.
 bench compiled --variants spark --compile --warmup 3
+bench eager --variants spark,reference,dense --no-compile
 [ -n "${QUICK:-}" ] && exit 0
+bench compiled-lamb --variants spark --compile --compile-optimizer --warmup 3
+bench compiled-no-autotune --variants spark --compile --no-cudnn-benchmark --warmup 3
 echo "== profile (compiled)"
 timeout 200 python3 -m spark_core.bench --device cuda --profile --compile --iters 3 \
     > "$OUT/profile.txt" 2>&1

@@ -36,7 +36,7 @@ from timm.optim import Lamb
 from spark_core.engine import EngineConfig, PretrainEngine, param_groups
 from spark_core.model import build_spark
 from spark_core.reference_impl import build_reference_spark
-from spark_core.runtime import keep_freed_memory_in_process
+from spark_core.runtime import cudnn_autotuning, keep_freed_memory_in_process
 
 DEVICE_DEFAULTS = MappingProxyType(
     {
@@ -102,6 +102,7 @@ def _spark_step(args: argparse.Namespace, device: torch.device) -> Callable[[], 
         compile=args.compile,
         compile_optimizer=args.compile_optimizer,
         device=str(device),
+        cudnn_benchmark=args.cudnn_benchmark,
     )
     engine = PretrainEngine(model, config)
     engine._set_schedule(1000)
@@ -188,6 +189,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="fuse LAMB's update with torch.compile (default: on for CPU, off for CUDA)",
     )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let cuDNN pick the fastest conv algorithms, for every variant (default: on)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=5)
@@ -222,7 +229,8 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     steps = {name: VARIANTS[name](args, device) for name in names}
-    times = _time_rounds(steps, device, args.warmup, args.iters, args.rounds)
+    with cudnn_autotuning(args.cudnn_benchmark):
+        times = _time_rounds(steps, device, args.warmup, args.iters, args.rounds)
     results = {}
     for name, samples in times.items():
         best = statistics.median(samples)
@@ -239,6 +247,7 @@ def run(args: argparse.Namespace) -> dict:
             "channels_last": args.channels_last,
             "compile": args.compile,
             "compile_optimizer": args.compile_optimizer,
+            "cudnn_benchmark": args.cudnn_benchmark,
             "malloc_tuning": args.malloc_tuning,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -272,8 +281,9 @@ def profile(args: argparse.Namespace, rows: int = 30) -> str:
 
     device = torch.device(args.device)
     step = _spark_step(args, device)
-    for _ in range(args.warmup):
-        step()
+    with cudnn_autotuning(args.cudnn_benchmark):
+        for _ in range(args.warmup):
+            step()
     _sync(device)
     activities = [ProfilerActivity.CPU]
     sort_by = "self_cpu_time_total"

@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -42,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from spark_core.backbones import resolve_family
 from spark_core.checkpoint import load_checkpoint, save_checkpoint
 from spark_core.model import SparK
-from spark_core.optim import Lamb
+from spark_core.optim import Lamb, clip_factor, total_norm
+from spark_core.runtime import cudnn_autotuning
 from spark_core.sparse import synchronize_batch_norms
 
 logger = logging.getLogger(__name__)
@@ -176,6 +178,7 @@ class EngineConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
     sync_batchnorm: bool = True
+    cudnn_benchmark: bool = True
 
     def __post_init__(self) -> None:
         checks = {
@@ -325,6 +328,11 @@ class PretrainEngine:
         self.optimizer = build_optimizer(
             self.model, config.optimizer, betas=config.betas, compile=config.compile_optimizer
         )
+        self._grad_norm: Callable[[list[torch.Tensor]], torch.Tensor] = (
+            torch.compile(total_norm, fullgraph=True, dynamic=False)
+            if config.compile_optimizer
+            else functools.partial(torch.nn.utils.get_total_norm, foreach=True)
+        )
         self.autocast_dtype = PRECISIONS[config.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.callbacks = list(callbacks)
@@ -426,6 +434,11 @@ class PretrainEngine:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _conv_autotuning(self):
+        if self.device.type != "cuda":
+            return nullcontext()
+        return cudnn_autotuning(self.config.cudnn_benchmark)
+
     def _set_schedule(self, steps_per_epoch: int) -> tuple[float, float]:
         lr, wd = lr_wd_at(
             self.global_step,
@@ -450,30 +463,33 @@ class PretrainEngine:
         active = self.model.generate_mask(
             images.shape[0] * self.world_size, generator=self.mask_generator, device=self.device
         )[self.rank :: self.world_size]
-        with self._autocast():
-            loss = self.forward_module(images, active).loss
+        with self._conv_autotuning():
+            with self._autocast():
+                loss = self.forward_module(images, active).loss
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+        grad_norm = self._grad_norm([p.grad for p in self._params if p.grad is not None])
+        step_kwargs = self._clip(grad_norm)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        grad_norm = self._clip_gradients()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer, **step_kwargs)
             self.scaler.update()
         else:
-            self.optimizer.step()
+            self.optimizer.step(**step_kwargs)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm.detach()
 
-    def _clip_gradients(self) -> torch.Tensor:
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if self.config.clip_grad > 0:
-            torch.nn.utils.clip_grads_with_norm_(
-                self._params, self.config.clip_grad, norm, foreach=True
-            )
-        return norm
+    def _clip(self, grad_norm: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Clip at ``config.clip_grad``: inside LAMB's update when it can, else in place."""
+        if self.config.clip_grad <= 0:
+            return {}
+        factor = clip_factor(grad_norm, self.config.clip_grad)
+        if isinstance(self.optimizer, Lamb):
+            return {"grad_scale": factor}
+        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], factor)
+        return {}
 
     # ------------------------------------------------------------------ epochs
 

@@ -7,11 +7,13 @@ Differences from timm's class are in *how* it runs, not what it computes:
   device nor recompiles a compiled update;
 * ``compile=True`` runs the per-group update through ``torch.compile``: the dozen
   element-wise passes of the eager update fuse into a few (on a 2-core CPU, 36 M
-  parameters: ~280 ms -> ~70 ms per step, after a one-off compile of about a minute).
+  parameters: ~280 ms -> ~65 ms per step, after a one-off compile of about a minute);
+* ``step(grad_scale=...)`` multiplies the gradients inside the update, as PyTorch's fused
+  optimizers do, so clipping costs no extra pass over the gradients.
 
 Layer-wise adaptation (the trust ratio ``||w|| / ||update||``) applies to groups with
-``adapt=True`` (timm: groups whose weight decay is non-zero); gradient clipping is left
-to the caller (``torch.nn.utils.clip_grads_with_norm_``), as the engine reports the norm.
+``adapt=True`` (timm: groups whose weight decay is non-zero). The caller computes the
+clipping factor (:func:`clip_factor`), as the engine reports the gradient norm.
 """
 
 from __future__ import annotations
@@ -30,14 +32,21 @@ def lamb_update_(
     lr: torch.Tensor,
     weight_decay: torch.Tensor,
     step: torch.Tensor,
+    grad_scale: torch.Tensor | None,
     beta1: float,
     beta2: float,
     eps: float,
     adapt: bool,
 ) -> None:
-    """One LAMB update of a parameter group, in place (all tensor lists on one device)."""
+    """One LAMB update of a parameter group, in place, with ``torch._foreach`` kernels.
+
+    For eager mode (few kernel launches per group). ``grad_scale`` (0-dim) multiplies
+    the gradients first (clipping without a separate pass over them).
+    """
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
+    if grad_scale is not None:
+        grads = torch._foreach_mul(grads, grad_scale)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
@@ -48,15 +57,52 @@ def lamb_update_(
     torch._foreach_div_(updates, bias_correction1)
     if adapt:
         torch._foreach_add_(updates, torch._foreach_mul(params, weight_decay))
-        weight_norms = torch._foreach_norm(params)
-        update_norms = torch._foreach_norm(updates)
-        ratios = [
-            torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
-            for w, u in zip(weight_norms, update_norms, strict=True)
-        ]
-        torch._foreach_mul_(updates, ratios)
+        weight_norms = torch.stack(torch._foreach_norm(params))
+        update_norms = torch.stack(torch._foreach_norm(updates))
+        ratios = _trust_ratios(weight_norms, update_norms)
+        torch._foreach_mul_(updates, ratios.unbind())
     torch._foreach_mul_(updates, lr)
     torch._foreach_sub_(params, updates)
+
+
+def _trust_ratios(weight_norms: torch.Tensor, update_norms: torch.Tensor) -> torch.Tensor:
+    usable = (weight_norms > 0) & (update_norms > 0)
+    return torch.where(usable, weight_norms / update_norms, torch.ones_like(weight_norms))
+
+
+def lamb_update_per_tensor_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    lr: torch.Tensor,
+    weight_decay: torch.Tensor,
+    step: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    adapt: bool,
+) -> None:
+    """:func:`lamb_update_` written tensor by tensor, for ``torch.compile``.
+
+    Inductor fuses each tensor's moments, norms and update into a couple of loops
+    (``_foreach_norm`` would stay an un-fused library call): on a 2-core CPU this cuts
+    LAMB plus clipping of 36 M parameters from ~89 to ~64 ms per step.
+    """
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2_sqrt = (1.0 - beta2**step).sqrt()
+    for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        if grad_scale is not None:
+            grad = grad * grad_scale
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        update = exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps) / bias_correction1
+        if adapt:
+            update = update + param * weight_decay
+            ratio = _trust_ratios(torch.linalg.vector_norm(param), torch.linalg.vector_norm(update))
+            update = update * ratio
+        param.sub_(update * lr)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -88,7 +134,9 @@ class Lamb(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("adapt", group["weight_decay"] != 0)
         self._update: Callable[..., None] = (
-            torch.compile(lamb_update_, fullgraph=True, dynamic=False) if compile else lamb_update_
+            torch.compile(lamb_update_per_tensor_, fullgraph=True, dynamic=False)
+            if compile
+            else lamb_update_
         )
         self._scalars: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -102,7 +150,14 @@ class Lamb(torch.optim.Optimizer):
         return tensor.fill_(value)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        grad_scale: torch.Tensor | None = None,
+    ) -> float | None:
+        """One update; ``grad_scale`` (0-dim, on the parameters' device) scales every gradient
+        first, e.g. the factor of :func:`clip_factor` (the stored ``.grad`` stays as it is)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -135,9 +190,24 @@ class Lamb(torch.optim.Optimizer):
                 self._scalar(index, "lr", group["lr"], device),
                 self._scalar(index, "wd", group["weight_decay"], device),
                 step,
+                grad_scale,
                 beta1,
                 beta2,
                 group["eps"],
                 group["adapt"],
             )
         return loss
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, as a 0-dim float32 tensor (written to fuse)."""
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What to multiply gradients of total ``norm`` by to clip them at ``max_norm``.
+
+    The same factor as ``torch.nn.utils.clip_grads_with_norm_`` (1 when already below).
+    """
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)

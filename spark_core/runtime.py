@@ -1,10 +1,14 @@
-"""Process-level settings for CPU training, applied by the command-line entry points."""
+"""Process-level settings for training speed: glibc's allocator (CPU), cuDNN autotuning (CUDA)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Iterator
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -32,3 +36,18 @@ def keep_freed_memory_in_process() -> bool:
         return False
     logger.debug("glibc mallopt applied: %s", ok)
     return bool(ok)
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool = True) -> Iterator[None]:
+    """Let cuDNN time its convolution algorithms per input shape and keep the fastest.
+
+    SparK trains at one fixed input size, so the one-off search on the first step pays
+    back on every later one (the reference sets it too). Restores the previous setting.
+    """
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous

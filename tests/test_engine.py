@@ -26,6 +26,7 @@ from spark_core.engine import (
     param_groups,
     peak_lr,
 )
+from spark_core.optim import total_norm
 from spark_core.reference_impl import build_reference_spark
 
 SIZE = 64
@@ -139,6 +140,19 @@ def test_mixed_precision_and_channels_last(
     assert math.isfinite(history[0].loss)
     if precision == "fp16":
         assert engine.scaler is not None
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
+@pytest.mark.parametrize("clip_grad", [1e-3, 0.0])
+def test_the_step_clips_gradients_at_clip_grad(optimizer: str, clip_grad: float) -> None:
+    engine = make_engine(optimizer=optimizer, clip_grad=clip_grad)
+    _, grad_norm = engine.train_step(torch.randn(8, 3, SIZE, SIZE))
+    # After one step each first moment is (1 - beta1) x the gradient the update used.
+    beta1 = engine.optimizer.param_groups[0]["betas"][0]
+    moments = [engine.optimizer.state[p]["exp_avg"] for p in engine._params]
+    used = float(total_norm(moments)) / (1 - beta1)
+    assert float(grad_norm) > 1e-2
+    assert used == pytest.approx(clip_grad if clip_grad else float(grad_norm), rel=1e-4)
 
 
 def test_non_finite_loss_is_reported(dataset: ImageFolderDataset) -> None:

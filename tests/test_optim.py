@@ -7,7 +7,7 @@ import torch
 from timm.optim import Lamb as TimmLamb
 from torch import nn
 
-from spark_core.optim import Lamb
+from spark_core.optim import Lamb, clip_factor, total_norm
 
 
 def _net() -> nn.Module:
@@ -25,7 +25,10 @@ def _groups(net: nn.Module) -> list[dict]:
     return [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _run(optimizer_cls, steps: int = 5, **kwargs) -> list[torch.Tensor]:
+def _run(
+    optimizer_cls, steps: int = 5, clip_in_step: float | None = None, **kwargs
+) -> list[torch.Tensor]:
+    """Parameters after ``steps`` steps; ``clip_in_step`` clips through ``grad_scale``."""
     net = _net()
     optimizer = optimizer_cls(_groups(net), lr=1e-2, betas=(0.9, 0.95), **kwargs)
     g = torch.Generator().manual_seed(1)
@@ -36,7 +39,11 @@ def _run(optimizer_cls, steps: int = 5, **kwargs) -> list[torch.Tensor]:
                 group["weight_decay"] = 0.05 + 0.01 * step
         x = torch.randn(4, 3, 8, 8, generator=g)
         net(x).square().mean().backward()
-        optimizer.step()
+        if clip_in_step is None:
+            optimizer.step()
+        else:
+            norm = total_norm([p.grad for p in net.parameters()])
+            optimizer.step(grad_scale=clip_factor(norm, clip_in_step))
         optimizer.zero_grad()
     return [p.detach().clone() for p in net.parameters()]
 
@@ -46,6 +53,34 @@ def test_eager_update_matches_timm() -> None:
     theirs = _run(TimmLamb, max_grad_norm=None, foreach=False)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_through_grad_scale_matches_timms_clipping() -> None:
+    # 0.05 is well below this net's gradient norms, so every step clips.
+    ours = _run(Lamb, clip_in_step=0.05)
+    theirs = _run(TimmLamb, max_grad_norm=0.05, foreach=False)
+    unclipped = _run(Lamb)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(ours, unclipped, strict=True))
+
+
+def test_grad_scale_leaves_stored_gradients_alone() -> None:
+    net = _net()
+    optimizer = Lamb(_groups(net), lr=1e-2)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    optimizer.step(grad_scale=torch.tensor(0.5))
+    for p, g in zip(net.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+
+
+def test_total_norm_and_clip_factor_match_torch() -> None:
+    tensors = [torch.randn(3, 4), torch.randn(7), torch.randn(2, 2, 2, 2)]
+    norm = total_norm(tensors)
+    torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(tensors))
+    assert float(clip_factor(norm, float(norm) * 10)) == 1.0
+    torch.testing.assert_close(clip_factor(norm, 1.0), 1.0 / (norm + 1e-6))
 
 
 def test_state_dict_round_trip_continues_identically() -> None:
@@ -62,9 +97,12 @@ def test_state_dict_round_trip_continues_identically() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_update_matches_eager() -> None:
-    eager = _run(Lamb)
-    compiled = _run(Lamb, compile=True)
+@pytest.mark.parametrize("clip_in_step", [None, 0.05])
+def test_compiled_update_matches_eager(clip_in_step: float | None) -> None:
+    # Compiled, the update runs tensor by tensor (lamb_update_per_tensor_), eager with
+    # foreach kernels: two writings of one update.
+    eager = _run(Lamb, clip_in_step=clip_in_step)
+    compiled = _run(Lamb, clip_in_step=clip_in_step, compile=True)
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -26,6 +26,7 @@ The reconciler runs every ``reconcile_interval_s``; each pass looks at every act
 
 from __future__ import annotations
 
+import functools
 import logging
 import shlex
 import sys
@@ -68,15 +69,18 @@ class RayJobStatus:
     driver_node_id: str = ""
 
 
+def _nth_submission_id(job_id: str, n: int) -> str:
+    return job_id if n <= 1 else f"{job_id}-{n}"
+
+
 def submission_id(job: Job) -> str:
     """The Ray submission id of the job's latest submission (the job id, then ``<id>-<n>``)."""
-    return job.id if job.submissions <= 1 else f"{job.id}-{job.submissions}"
+    return _nth_submission_id(job.id, job.submissions)
 
 
 def submission_ids(job: Job) -> list[str]:
     """Every Ray submission id the job has had, oldest first."""
-    ids = [job.id] if job.submissions >= 1 else []
-    return ids + [f"{job.id}-{n}" for n in range(2, job.submissions + 1)]
+    return [_nth_submission_id(job.id, n) for n in range(1, job.submissions + 1)]
 
 
 class RayUnavailable(RuntimeError):
@@ -276,7 +280,7 @@ class Reconciler:
         for job in jobs:
             if job.state in ON_RAY_STATES:
                 running[job.owner] = running.get(job.owner, 0) + 1
-        dead_nodes = _Lazy(self._dead_nodes)
+        dead_nodes = functools.cache(self._dead_nodes)  # listed once per pass, if at all
         for job in jobs:
             if job.state == "HELD":
                 continue
@@ -341,7 +345,7 @@ class Reconciler:
         logger.info("job %s was never received by Ray: submitting it", job.id)
         self._send(job)
 
-    def _follow(self, job: Job, dead_nodes: _Lazy) -> None:
+    def _follow(self, job: Job, dead_nodes: Callable[[], frozenset[str]]) -> None:
         ray_id = submission_id(job)
         found = self.ray_jobs.status(ray_id)
         if found is None:
@@ -401,16 +405,3 @@ class Reconciler:
             state="FAILED",
             message=f"{why}; it was already submitted {job.submissions} times",
         )
-
-
-class _Lazy:
-    """A value computed on first use and then kept (one dead-node listing per pass)."""
-
-    def __init__(self, compute: Callable[[], frozenset[str]]) -> None:
-        self._compute = compute
-        self._value: frozenset[str] | None = None
-
-    def __call__(self) -> frozenset[str]:
-        if self._value is None:
-            self._value = self._compute()
-        return self._value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterable
 from contextlib import suppress
 from pathlib import Path
 
@@ -42,8 +43,26 @@ def alive(pids: set[int]) -> set[int]:
     return live
 
 
+def titled(prefix: str, below: int) -> set[int]:
+    """Processes below ``below`` whose command line starts with ``prefix``.
+
+    Ray retitles its workers, e.g. ``ray::ImplicitFunc`` for a Tune trial's driver.
+    """
+    found = set()
+    for pid in descendants(below):
+        with suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(prefix.encode()):
+                found.add(pid)
+    return found
+
+
+def kill(pids: Iterable[int]) -> None:
+    """SIGKILL each of ``pids`` that still exists."""
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and everything below it (what losing a machine looks like)."""
-    for member in [pid, *descendants(pid)]:
-        with suppress(ProcessLookupError):
-            os.kill(member, signal.SIGKILL)
+    kill([pid, *descendants(pid)])

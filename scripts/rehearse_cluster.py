@@ -44,7 +44,7 @@ import sqlalchemy as sa
 
 from api.auth import issue_token
 from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, TRIAL_DRIVER_SLOTS
-from orchestrator.processes import alive, descendants
+from orchestrator.processes import alive, descendants, kill
 from orchestrator.processes import kill_tree as kill_process_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,9 +371,7 @@ class Topology:
         for process in running:
             with suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for pid in alive(trees):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill(alive(trees))
 
     def remove_temp_dirs(self) -> None:
         for folder in self.temp_dirs:

@@ -295,12 +295,11 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(
 def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestCluster) -> None:
     """Optuna samples two trials; the first trial's driver process is killed mid-training and
     ``max_failures_per_trial`` lets Tune run it again: it resumes its own MLflow run."""
-    import contextlib
     import os
     import signal
     import threading
 
-    from orchestrator.processes import descendants
+    from orchestrator.processes import titled
 
     sweep = parse_sweep(
         {
@@ -323,15 +322,6 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
 
     storage = Path(ray_cluster.settings.storage_path)
 
-    def trial_drivers() -> list[int]:
-        """This session's Tune trial drivers: processes titled ``ray::ImplicitFunc...``."""
-        pids = []
-        for pid in descendants(os.getpid()):
-            with contextlib.suppress(OSError):
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
-                    pids.append(pid)
-        return pids
-
     def kill_first_trial_driver() -> None:
         # Once a trial has registered its first checkpoint, kill the running trial's driver.
         # (Files and /proc, not MLflow's batched metrics or the state API: both lag.)
@@ -339,7 +329,7 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
             snapshots = storage.glob("sweep-optuna-*/checkpoint_manager_snapshot.json")
             if not any("epoch-0" in path.read_text() for path in snapshots):
                 continue
-            for pid in trial_drivers():
+            for pid in titled("ray::ImplicitFunc", below=os.getpid()):  # trial drivers
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             if killed:

@@ -18,6 +18,14 @@ def test_bench_reports_all_variants_and_ratios(capsys) -> None:
     assert set(report["ratios"]) == {"spark/reference", "spark/dense"}
     assert all(r["images_per_sec"] > 0 for r in report["results"].values())
     assert report["settings"]["backbone"] == "resnet18"
+    assert report["settings"]["cudnn_benchmark"] is True
+
+
+def test_bench_settings_follow_the_flags() -> None:
+    args = bench.parse_args(["--device", "cuda", "--no-cudnn-benchmark", "--compile-optimizer"])
+    assert (args.backbone, args.input_size, args.batch_size) == ("resnet50", 224, 128)
+    assert args.cudnn_benchmark is False and args.compile_optimizer is True
+    assert bench.parse_args([]).compile_optimizer is True  # CPU default
 
 
 def test_bench_profile_lists_convolutions() -> None:

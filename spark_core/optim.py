@@ -9,7 +9,7 @@ Differences from timm's class are in *how* it runs, not what it computes:
   element-wise passes of the eager update fuse into a few (on a 2-core CPU, 36 M
   parameters: ~280 ms -> ~65 ms per step, after a one-off compile of about a minute);
 * ``step(grad_scale=...)`` multiplies the gradients inside the update, as PyTorch's fused
-  optimizers do, so clipping costs no extra pass over the gradients.
+  optimizers do, so a compiled update clips without a pass of its own over the gradients.
 
 Layer-wise adaptation (the trust ratio ``||w|| / ||update||``) applies to groups with
 ``adapt=True`` (timm: groups whose weight decay is non-zero). The caller computes the
@@ -18,10 +18,13 @@ clipping factor (:func:`clip_factor`), as the engine reports the gradient norm.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def lamb_update_(
@@ -134,9 +137,7 @@ class Lamb(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("adapt", group["weight_decay"] != 0)
         self._update: Callable[..., None] = (
-            torch.compile(lamb_update_per_tensor_, fullgraph=True, dynamic=False)
-            if compile
-            else lamb_update_
+            compiled_or_eager(lamb_update_per_tensor_, lamb_update_) if compile else lamb_update_
         )
         self._scalars: dict[tuple[int, str], torch.Tensor] = {}
 
@@ -149,6 +150,22 @@ class Lamb(torch.optim.Optimizer):
             self._scalars[key] = tensor
         return tensor.fill_(value)
 
+    def _advance_step(
+        self, group: dict[str, Any], params: list[torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """The group's step counter plus one: one 0-dim tensor shared by the states of the
+        parameters it updates, anchored on the group's first parameter, so a parameter that
+        has no gradient in some step neither restarts nor skips the count (timm keeps it
+        per group too)."""
+        anchor = self.state[group["params"][0]]
+        step = anchor.get("step")
+        if step is None:  # a fresh group, or state saved before the anchor held it
+            step = next((self.state[p]["step"] for p in params if "step" in self.state[p]), None)
+        if step is None:
+            step = torch.zeros((), dtype=torch.float32, device=device)
+        anchor["step"] = step
+        return step.add_(1)
+
     @torch.no_grad()
     def step(
         self,
@@ -157,7 +174,8 @@ class Lamb(torch.optim.Optimizer):
         grad_scale: torch.Tensor | None = None,
     ) -> float | None:
         """One update; ``grad_scale`` (0-dim, on the parameters' device) scales every gradient
-        first, e.g. the factor of :func:`clip_factor` (the stored ``.grad`` stays as it is)."""
+        first, e.g. the factor of :func:`clip_factor`. The stored ``.grad`` stays as it is;
+        compiled, the scaling fuses into the update, eager it is one pass into a copy."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -167,11 +185,7 @@ class Lamb(torch.optim.Optimizer):
             if not params:
                 continue
             device = params[0].device
-            first = self.state[params[0]]
-            step = first.get("step")
-            if step is None:
-                step = torch.zeros((), dtype=torch.float32, device=device)
-            step = step.add_(1)  # one counter per group, shared by its parameters' states
+            step = self._advance_step(group, params, device)
             exp_avgs, exp_avg_sqs = [], []
             for p in params:
                 state = self.state[p]
@@ -200,9 +214,44 @@ class Lamb(torch.optim.Optimizer):
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all ``tensors`` together, as a 0-dim float32 tensor (written to fuse)."""
+    """The 2-norm of all ``tensors`` together, as a 0-dim float32 tensor (written to fuse).
+
+    0 for no tensors, as ``torch.nn.utils.get_total_norm`` gives.
+    """
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
     norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def compiled_or_eager(
+    function: Callable[..., Any], eager: Callable[..., Any]
+) -> Callable[..., Any]:
+    """``torch.compile(function)`` (one graph, static shapes), or ``eager`` once it cannot be.
+
+    Dynamo keeps one cache per function for the whole process: every model with other
+    shapes adds an entry, and a full-graph function fails outright at the recompile limit
+    (8 by default), e.g. in the fifth LAMB of a notebook. Such a call (refused before
+    anything ran) and every later one run ``eager`` instead, which computes the same.
+    """
+    compiled = torch.compile(function, fullgraph=True, dynamic=False)
+    current = compiled
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal current
+        if current is compiled:
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                logger.warning(
+                    "%s: torch.compile's recompile limit is reached in this process; running "
+                    "it uncompiled from now on (same results, slower)",
+                    function.__name__,
+                )
+                current = eager
+        return current(*args, **kwargs)
+
+    return call
 
 
 def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:

@@ -43,10 +43,16 @@ def cudnn_autotuning(enabled: bool = True) -> Iterator[None]:
     """Let cuDNN time its convolution algorithms per input shape and keep the fastest.
 
     SparK trains at one fixed input size, so the one-off search on the first step pays
-    back on every later one (the reference sets it too). Restores the previous setting.
+    back on every later one (the reference sets it too). The choice may differ between
+    processes, so it stays off when the process asked for determinism
+    (``torch.use_deterministic_algorithms`` or ``cudnn.deterministic``): use that for
+    bitwise-reproducible GPU runs. Restores the previous setting.
     """
     previous = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic
+    )
+    torch.backends.cudnn.benchmark = enabled and not deterministic
     try:
         yield
     finally:

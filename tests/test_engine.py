@@ -155,6 +155,39 @@ def test_the_step_clips_gradients_at_clip_grad(optimizer: str, clip_grad: float)
     assert used == pytest.approx(clip_grad if clip_grad else float(grad_norm), rel=1e-4)
 
 
+@pytest.mark.parametrize("cudnn_benchmark", [True, False])
+def test_the_step_runs_under_the_configured_cudnn_autotuning(cudnn_benchmark: bool) -> None:
+    engine = make_engine(cudnn_benchmark=cudnn_benchmark)
+    seen: list[bool] = []
+    engine.model.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    before = torch.backends.cudnn.benchmark
+    engine.train_step(torch.randn(8, 3, SIZE, SIZE))
+    assert seen == [cudnn_benchmark]
+    assert torch.backends.cudnn.benchmark is before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_compiled_optimizer_steps_like_the_eager_one(precision: str) -> None:
+    """Compiled grad norm + compiled LAMB with clipping inside (and the fp16 GradScaler)
+    against the eager engine: the model runs eagerly in both, so only the optimizer's
+    rounding differs."""
+    images = torch.randn(8, 3, SIZE, SIZE)
+    runs = []
+    for compile_optimizer in (False, True):
+        engine = make_engine(
+            precision=precision, compile_optimizer=compile_optimizer, clip_grad=1e-2
+        )
+        engine._set_schedule(10)
+        norms = [float(engine.train_step(images)[1]) for _ in range(2)]
+        runs.append((norms, [p.detach().clone() for p in engine.model.parameters()]))
+    (eager_norms, eager_params), (compiled_norms, compiled_params) = runs
+    assert compiled_norms == pytest.approx(eager_norms, rel=1e-4)
+    assert max(eager_norms) > 1e-2  # clipping was active
+    for a, b in zip(eager_params, compiled_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_non_finite_loss_is_reported(dataset: ImageFolderDataset) -> None:
     engine = make_engine()
     images = torch.full((8, 3, SIZE, SIZE), float("nan"))

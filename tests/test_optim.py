@@ -79,8 +79,54 @@ def test_total_norm_and_clip_factor_match_torch() -> None:
     tensors = [torch.randn(3, 4), torch.randn(7), torch.randn(2, 2, 2, 2)]
     norm = total_norm(tensors)
     torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(tensors))
+    assert float(total_norm([])) == float(torch.nn.utils.get_total_norm([])) == 0.0
+    for max_norm in (float(norm) * 10, 0.5):
+        clipped = [nn.Parameter(t.clone()) for t in tensors]
+        for p, t in zip(clipped, tensors, strict=True):
+            p.grad = t.clone()
+        torch.nn.utils.clip_grads_with_norm_(clipped, max_norm, norm)
+        factor = clip_factor(norm, max_norm)
+        for p, t in zip(clipped, tensors, strict=True):
+            torch.testing.assert_close(t * factor, p.grad)
     assert float(clip_factor(norm, float(norm) * 10)) == 1.0
-    torch.testing.assert_close(clip_factor(norm, 1.0), 1.0 / (norm + 1e-6))
+
+
+def test_a_parameter_without_gradient_neither_restarts_nor_skips_the_count() -> None:
+    """timm counts steps per group; a step where the group's first parameter has no
+    gradient must still advance the others' bias corrections."""
+
+    def run(optimizer_cls) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        first, second = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5, 3))
+        group = {"params": [first, second], "weight_decay": 0.05}
+        optimizer = optimizer_cls([group], lr=1e-2, betas=(0.9, 0.95))
+        for step in range(4):
+            grads = {"first": torch.randn(4, 3), "second": torch.randn(5, 3)}
+            first.grad = None if step in (0, 1) else grads["first"]
+            second.grad = grads["second"]
+            optimizer.step()
+        return [first.detach().clone(), second.detach().clone()]
+
+    ours = run(Lamb)
+    theirs = run(lambda groups, **kw: TimmLamb(groups, max_grad_norm=None, foreach=False, **kw))
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_update_falls_back_to_eager_at_the_recompile_limit(caplog) -> None:
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=1), caplog.at_level("WARNING"):
+        eager = _run(Lamb)
+        compiled = _run(Lamb, compile=True)  # this net's shapes: a new cache entry
+        other = [nn.Parameter(torch.randn(2, 2)), nn.Parameter(torch.randn(6))]
+        for p in other:
+            p.grad = torch.randn_like(p)
+        Lamb([{"params": other, "weight_decay": 0.05}], compile=True).step()  # over the limit
+    assert "recompile limit" in caplog.text
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_state_dict_round_trip_continues_identically() -> None:

@@ -25,7 +25,8 @@ def test_titled_finds_retitled_children_and_kill_tree_stops_them() -> None:
         assert _wait_until(lambda: titled("ray::FakeTrial", below=os.getpid()))
         (child,) = titled("ray::FakeTrial", below=os.getpid())
         assert child in descendants(parent.pid)
-        assert not titled("ray::FakeTrial", below=child)  # only strictly below
+        assert parent.pid not in titled("ray::FakeTrial", below=os.getpid())  # bash's title
+        assert titled("bash", below=os.getpid()) >= {parent.pid}
         kill_tree(parent.pid)
         parent.wait(timeout=10)
         assert _wait_until(lambda: not alive({parent.pid, child}))

@@ -66,6 +66,36 @@ class Result:
     images_per_sec: float
     step_ms: float
     spread: float
+    gflop_per_image: float
+    tflops: float
+
+
+def _spark_loss(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
+    model = build_spark(args.backbone, args.input_size)
+    return lambda images: model(images).loss
+
+
+def _dense_loss(args: argparse.Namespace) -> Callable[[torch.Tensor], torch.Tensor]:
+    import timm
+
+    model = timm.create_model(args.backbone, num_classes=1000)
+    return lambda images: F.cross_entropy(model(images), torch.zeros(len(images), dtype=torch.long))
+
+
+def training_gflop_per_image(variant: str, args: argparse.Namespace) -> float:
+    """Forward + backward GFLOP of one image (optimizer not counted), counted on the CPU.
+
+    ``spark`` and ``reference`` compute the same convolutions; ``dense`` is the plain
+    classifier. Dividing by the measured step time gives the achieved TFLOPS, the number
+    that says how well a device runs each step.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    loss_of = _dense_loss(args) if variant == "dense" else _spark_loss(args)
+    images = torch.randn(2, 3, args.input_size, args.input_size)  # 2: BN needs > 1 value
+    with FlopCounterMode(display=False) as counter:
+        loss_of(images).backward()
+    return counter.get_total_flops() / len(images) / 1e9
 
 
 def _sync(device: torch.device) -> None:
@@ -235,7 +265,11 @@ def run(args: argparse.Namespace) -> dict:
     for name, samples in times.items():
         best = statistics.median(samples)
         spread = (max(samples) - min(samples)) / best if best else 0.0
-        results[name] = Result(name, args.batch_size / best, best * 1000, spread)
+        images_per_sec = args.batch_size / best
+        gflop = training_gflop_per_image(name, args)
+        results[name] = Result(
+            name, images_per_sec, best * 1000, spread, gflop, gflop * images_per_sec / 1000
+        )
     return {
         "settings": {
             "device": _device_name(device),
@@ -320,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in report["results"].values():
         print(
             f"  {r['name']:<10} {r['images_per_sec']:9.1f} img/s  {r['step_ms']:8.1f} ms/step  "
-            f"(spread {100 * r['spread']:.0f}%)"
+            f"(spread {100 * r['spread']:2.0f}%)  {r['gflop_per_image']:6.1f} GFLOP/img  "
+            f"{r['tflops']:7.2f} TFLOPS"
         )
     for name, ratio in report["ratios"].items():
         print(f"  {name:<16} {ratio:6.2f}x")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from spark_core import bench
 
 
@@ -17,6 +19,11 @@ def test_bench_reports_all_variants_and_ratios(capsys) -> None:
     assert set(report["results"]) == {"spark", "reference", "dense"}
     assert set(report["ratios"]) == {"spark/reference", "spark/dense"}
     assert all(r["images_per_sec"] > 0 for r in report["results"].values())
+    flops = {name: r["gflop_per_image"] for name, r in report["results"].items()}
+    assert flops["spark"] == flops["reference"] > 3 * flops["dense"] > 0  # the decoder
+    spark = report["results"]["spark"]
+    achieved = spark["gflop_per_image"] * spark["images_per_sec"] / 1e3
+    assert spark["tflops"] == pytest.approx(achieved)
     assert report["settings"]["backbone"] == "resnet18"
     assert report["settings"]["cudnn_benchmark"] is True
 

@@ -35,7 +35,7 @@ try:
 except Exception as e:
     print("  failed:", e); sys.exit()
 for v in r["results"].values():
-    print(f"  {v['name']:<10} {v['images_per_sec']:8.1f} img/s  {v['step_ms']:7.1f} ms  spread {100*v['spread']:.0f}%")
+    print(f"  {v['name']:<10} {v['images_per_sec']:8.1f} img/s  {v['step_ms']:7.1f} ms  spread {100*v['spread']:.0f}%  {v['tflops']:6.1f} TFLOPS")
 for k, v in r["ratios"].items():
     print(f"  {k:<16} {v:.2f}x")
 PY

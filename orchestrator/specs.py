@@ -281,6 +281,8 @@ class OptimSpec(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
+    # LAMB's update through torch.compile: a minute of compiling, then ~4x faster on CPU.
+    compile_optimizer: bool = False
     log_every: int = Field(default=10, ge=1, le=10_000)
 
 
@@ -423,6 +425,7 @@ class PretrainSpec(_Strict):
             precision=optim.precision,
             channels_last=optim.channels_last,
             compile=optim.compile,
+            compile_optimizer=optim.compile_optimizer,
             seed=self.seed,
             log_every=optim.log_every,
             num_workers=self.data.loader_workers,

@@ -216,6 +216,7 @@ def test_engine_config_maps_every_field() -> None:
                 "precision": "bf16",
                 "channels_last": True,
                 "compile": True,
+                "compile_optimizer": True,
                 "log_every": 4,
             },
             "resources": {"num_workers": 4},
@@ -237,6 +238,7 @@ def test_engine_config_maps_every_field() -> None:
     assert config.precision == "bf16"
     assert config.channels_last is True
     assert config.compile is True
+    assert config.compile_optimizer is True
     assert config.seed == 7
     assert config.log_every == 4
     assert config.num_workers == 3  # data loader workers, not Ray workers
@@ -763,7 +765,7 @@ def test_flat_params() -> None:
     # One entry per leaf field, every section present.
     assert {key.split(".")[0] for key in flat} == SECTIONS - {"tags"}
     assert flat["failures.resubmit_on_loss"] == "True"
-    assert len(flat) == 49
+    assert len(flat) == 50
 
 
 def test_json_schema_lists_the_sections() -> None:

@@ -179,9 +179,18 @@ def open_job_run(
 
 
 def end_run(ref: RunRef, status: str) -> None:
-    """End the run as FINISHED, FAILED or KILLED (never left RUNNING)."""
+    """End the run as FINISHED, FAILED or KILLED (never left RUNNING).
+
+    A run someone else already ended KILLED (a sweep whose scheduler stopped the trial, a
+    cancel) is not turned FAILED: that failure is the stop's echo, e.g. a stopped trial's
+    driver winding down after its sweep has marked it.
+    """
     RunStatus.from_string(status)  # rejects unknown names
-    client_for(ref.tracking_uri).set_terminated(ref.run_id, status=status)
+    client = client_for(ref.tracking_uri)
+    if status == "FAILED" and client.get_run(ref.run_id).info.status == "KILLED":
+        logger.info("MLflow run %s was already ended KILLED: left so, not FAILED", ref.run_id)
+        return
+    client.set_terminated(ref.run_id, status=status)
 
 
 def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int = 0) -> None:

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from spark_core.backbones import resolve_family
 from spark_core.checkpoint import load_checkpoint, save_checkpoint
 from spark_core.model import SparK
-from spark_core.optim import Lamb, clip_factor, compiled_or_eager, total_norm
+from spark_core.optim import Lamb, clip_factor, compiled_or_eager
 from spark_core.runtime import cudnn_autotuning
 from spark_core.sparse import synchronize_batch_norms
 
@@ -328,9 +328,11 @@ class PretrainEngine:
         self.optimizer = build_optimizer(
             self.model, config.optimizer, betas=config.betas, compile=config.compile_optimizer
         )
+        # Compiled, the per-tensor norms (foreach=False) fuse; eager, foreach kernels are faster.
         eager_norm = functools.partial(torch.nn.utils.get_total_norm, foreach=True)
+        fusable_norm = functools.partial(torch.nn.utils.get_total_norm, foreach=False)
         self._grad_norm: Callable[[list[torch.Tensor]], torch.Tensor] = (
-            compiled_or_eager(total_norm, eager_norm) if config.compile_optimizer else eager_norm
+            compiled_or_eager(fusable_norm, eager_norm) if config.compile_optimizer else eager_norm
         )
         self.autocast_dtype = PRECISIONS[config.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
@@ -433,10 +435,6 @@ class PretrainEngine:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _conv_autotuning(self):
-        # Only CUDA reads the flag; setting it everywhere keeps the behaviour testable.
-        return cudnn_autotuning(self.config.cudnn_benchmark)
-
     def _set_schedule(self, steps_per_epoch: int) -> tuple[float, float]:
         lr, wd = lr_wd_at(
             self.global_step,
@@ -461,7 +459,8 @@ class PretrainEngine:
         active = self.model.generate_mask(
             images.shape[0] * self.world_size, generator=self.mask_generator, device=self.device
         )[self.rank :: self.world_size]
-        with self._conv_autotuning():
+        # Only CUDA reads the flag; setting it on every device keeps the behaviour testable.
+        with cudnn_autotuning(self.config.cudnn_benchmark):
             with self._autocast():
                 loss = self.forward_module(images, active).loss
             if self.scaler is not None:
@@ -469,8 +468,9 @@ class PretrainEngine:
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-        grad_norm = self._grad_norm([p.grad for p in self._params if p.grad is not None])
-        step_kwargs = self._clip(grad_norm)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        grad_norm = self._grad_norm(grads)
+        step_kwargs = self._clip(grads, grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer, **step_kwargs)
             self.scaler.update()
@@ -479,14 +479,14 @@ class PretrainEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm.detach()
 
-    def _clip(self, grad_norm: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _clip(self, grads: list[torch.Tensor], grad_norm: torch.Tensor) -> dict[str, torch.Tensor]:
         """Clip at ``config.clip_grad``: inside LAMB's update when it can, else in place."""
         if self.config.clip_grad <= 0:
             return {}
         factor = clip_factor(grad_norm, self.config.clip_grad)
         if isinstance(self.optimizer, Lamb):
             return {"grad_scale": factor}
-        torch._foreach_mul_([p.grad for p in self._params if p.grad is not None], factor)
+        torch._foreach_mul_(grads, factor)
         return {}
 
     # ------------------------------------------------------------------ epochs

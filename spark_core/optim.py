@@ -213,17 +213,6 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The 2-norm of all ``tensors`` together, as a 0-dim float32 tensor (written to fuse).
-
-    0 for no tensors, as ``torch.nn.utils.get_total_norm`` gives.
-    """
-    if not tensors:
-        return torch.zeros((), dtype=torch.float32)
-    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
 def compiled_or_eager(
     function: Callable[..., Any], eager: Callable[..., Any]
 ) -> Callable[..., Any]:
@@ -246,7 +235,7 @@ def compiled_or_eager(
                 logger.warning(
                     "%s: torch.compile's recompile limit is reached in this process; running "
                     "it uncompiled from now on (same results, slower)",
-                    function.__name__,
+                    getattr(function, "__name__", function),
                 )
                 current = eager
         return current(*args, **kwargs)

@@ -296,10 +296,9 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
     """Optuna samples two trials; the first trial's driver process is killed mid-training and
     ``max_failures_per_trial`` lets Tune run it again: it resumes its own MLflow run."""
     import os
-    import signal
     import threading
 
-    from orchestrator.processes import titled
+    from orchestrator.processes import kill, titled
 
     sweep = parse_sweep(
         {
@@ -329,9 +328,9 @@ def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestClus
             snapshots = storage.glob("sweep-optuna-*/checkpoint_manager_snapshot.json")
             if not any("epoch-0" in path.read_text() for path in snapshots):
                 continue
-            for pid in titled("ray::ImplicitFunc", below=os.getpid()):  # trial drivers
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+            drivers = titled("ray::ImplicitFunc", below=os.getpid())
+            kill(drivers)
+            killed.extend(drivers)
             if killed:
                 return
 

@@ -35,6 +35,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from spark_core.backbones import resolve_family
 from spark_core.engine import EngineConfig, peak_lr
+from spark_core.masking import mask_ratio_problem
 from spark_core.model import DENSIFY_NORMS, MAX_DECODER_DEPTH, PATCH_STRIDE
 
 MAX_SPEC_BYTES = 256 * 1024
@@ -362,6 +363,14 @@ class PretrainSpec(_Strict):
         return self
 
     def _cross_field_errors(self):
+        grid = self.model.input_size // PATCH_STRIDE
+        problem = mask_ratio_problem((grid, grid), self.spark.mask_ratio)
+        if problem:
+            yield (
+                ("spark", "mask_ratio"),
+                self.spark.mask_ratio,
+                f"at model.input_size={self.model.input_size}: {problem}",
+            )
         workers = self.resources.num_workers
         batch = self.optim.global_batch_size
         if batch % workers:

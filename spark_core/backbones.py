@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import timm
 import torch
+from timm.models import split_model_name_tag
 from torch import nn
 
 from spark_core.masking import MaskContext
@@ -68,13 +69,21 @@ def resolve_family(backbone: str) -> BackboneFamily:
     family = next(
         (f for f in BACKBONE_FAMILIES if any(backbone.startswith(p) for p in f.prefixes)), None
     )
-    if family is None or backbone not in timm.list_models():
+    if family is None or not _is_timm_name(backbone):
         reason = "is not a supported backbone" if family is None else "is not a timm model name"
         raise ValueError(
             f"backbone={backbone!r} {reason}. Supported families: {supported_families_text()}. "
             "See timm.list_models('resnet*') / timm.list_models('convnext*') for exact names."
         )
     return family
+
+
+def _is_timm_name(backbone: str) -> bool:
+    """An architecture name, or one with a pretrained tag ("resnet50.a1_in1k": same network)."""
+    architecture, tag = split_model_name_tag(backbone)
+    if tag:
+        return backbone in timm.list_models(architecture, pretrained=True)
+    return backbone in timm.list_models()
 
 
 class SparseEncoder(nn.Module):

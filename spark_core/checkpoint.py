@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,19 @@ def save_checkpoint(
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (no model needed)."""
-    payload = torch.load(Path(path), map_location=map_location, weights_only=False)
+    """Read a checkpoint written by :func:`save_checkpoint` (no model needed).
+
+    Only tensors and plain containers are unpickled (``weights_only``): a checkpoint taken
+    from shared storage cannot run code on load.
+    """
+    try:
+        payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path}: refused, it holds Python objects other than tensors, numbers, strings "
+            "and containers, which spark_core checkpoints never do (not written by "
+            f"save_checkpoint, or altered): {str(error).splitlines()[0]}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path}: not a spark_core checkpoint (expected format {CHECKPOINT_FORMAT!r}); "

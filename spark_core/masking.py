@@ -21,6 +21,27 @@ def num_visible(grid_size: tuple[int, int], mask_ratio: float) -> int:
     return round(h * w * (1.0 - mask_ratio))
 
 
+def mask_ratio_problem(grid_size: tuple[int, int], mask_ratio: float) -> str:
+    """Why ``mask_ratio`` leaves nothing to see or nothing to predict on a patch grid.
+
+    '' when at least one patch stays visible and at least one is masked. Otherwise the
+    reason, with how to fix it: with no visible patch the encoder sees nothing; with no
+    masked patch the loss is 0 in every step and training silently does nothing.
+    """
+    h, w = grid_size
+    visible = num_visible(grid_size, mask_ratio)
+    patches = f"{h * w} patches" if h * w > 1 else "1 patch"
+    count = f"round({h}*{w} * (1 - {mask_ratio})) = {visible} of {patches} stay visible"
+    if visible < 1:
+        return f"{count}, so the encoder sees nothing; lower mask_ratio or raise input_size"
+    if visible >= h * w:
+        return (
+            f"{count}, so nothing is masked and the loss is always 0; raise mask_ratio or "
+            "input_size"
+        )
+    return ""
+
+
 def random_mask(
     batch_size: int,
     grid_size: tuple[int, int],
@@ -102,7 +123,9 @@ class MaskContext:
         if self._active is None:
             raise RuntimeError(
                 "a sparse layer ran outside a masked forward pass; call it through "
-                "SparK.forward / SparK.encode, which set the mask"
+                "SparK.forward / SparK.encode, which set the mask. Gradient checkpointing "
+                "(timm's set_grad_checkpointing) re-runs layers during backward, outside the "
+                "forward pass, and does not work with the sparse encoder"
             )
         mask = upsample_mask(self._active, (height, width))
         if channels_last:

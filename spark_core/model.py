@@ -6,7 +6,9 @@ training loop lives in :mod:`spark_core.engine`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -15,7 +17,7 @@ from torch import nn
 
 from spark_core.backbones import SparseEncoder, resolve_family
 from spark_core.decoder import LightDecoder
-from spark_core.masking import MaskContext, random_mask, upsample_mask
+from spark_core.masking import MaskContext, mask_ratio_problem, random_mask, upsample_mask
 from spark_core.sparse import SparseBatchNorm2d
 
 DENSIFY_NORMS: tuple[str, ...] = ("auto", "bn", "ln", "identity")
@@ -69,18 +71,53 @@ class SparKOutput:
 
 
 def _input_size_pair(input_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(input_size, int):
-        return (input_size, input_size)
-    size = tuple(int(s) for s in input_size)
-    if len(size) != 2:
-        raise ValueError(f"input_size={input_size!r}: give an int or a (height, width) pair")
-    return size  # type: ignore[return-value]
+    if _is_integer(input_size):
+        return (int(input_size), int(input_size))  # type: ignore[arg-type]
+    if (
+        not isinstance(input_size, (tuple, list))
+        or len(input_size) != 2
+        or not all(_is_integer(s) for s in input_size)
+    ):
+        raise ValueError(
+            f"input_size={input_size!r}: give an int or a (height, width) pair of ints"
+        )
+    return (int(input_size[0]), int(input_size[1]))
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_FLAG_FIELDS = ("sparse", "mask_token", "norm_pix_loss")
+_INTEGER_FIELDS = ("hierarchy", "decoder_width", "decoder_depth")
+_NUMBER_FIELDS = ("mask_ratio", "drop_path_rate")
+
+
+def _check_types(config: SparKConfig) -> None:
+    """Refuse look-alikes instead of coercing them ("False" would turn into True)."""
+    for name in _FLAG_FIELDS:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: must be True or False")
+    for name in _INTEGER_FIELDS:
+        value = getattr(config, name)
+        if not _is_integer(value):
+            raise ValueError(f"{name}={value!r}: must be an integer")
+    for name in _NUMBER_FIELDS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name}={value!r}: must be a number")
+    for name in ("backbone", "densify_norm"):
+        value = getattr(config, name)
+        if not isinstance(value, str):
+            raise ValueError(f"{name}={value!r}: must be a string")
 
 
 def validate_config(config: SparKConfig) -> None:
     """Raise ``ValueError`` naming the argument and its allowed values on a bad config."""
+    _check_types(config)
     resolve_family(config.backbone)
-    h, w = config.input_size
+    h, w = _input_size_pair(config.input_size)
     if h <= 0 or w <= 0 or h % PATCH_STRIDE or w % PATCH_STRIDE:
         raise ValueError(
             f"input_size={config.input_size}: height and width must be positive multiples of "
@@ -88,6 +125,11 @@ def validate_config(config: SparKConfig) -> None:
         )
     if not 0.0 < config.mask_ratio < 1.0:
         raise ValueError(f"mask_ratio={config.mask_ratio}: must lie in the open interval (0, 1)")
+    problem = mask_ratio_problem((h // PATCH_STRIDE, w // PATCH_STRIDE), config.mask_ratio)
+    if problem:
+        raise ValueError(
+            f"mask_ratio={config.mask_ratio} with input_size={config.input_size}: {problem}"
+        )
     if config.hierarchy not in (1, 2, 3, 4):
         raise ValueError(f"hierarchy={config.hierarchy}: allowed values are 1, 2, 3, 4")
     if not 1 <= config.decoder_depth <= MAX_DECODER_DEPTH:
@@ -347,15 +389,25 @@ def build_spark(
     config = SparKConfig(
         backbone=backbone,
         input_size=_input_size_pair(input_size),
-        mask_ratio=float(mask_ratio),
-        sparse=bool(sparse),
-        hierarchy=int(hierarchy),
-        mask_token=bool(mask_token),
+        mask_ratio=mask_ratio,
+        sparse=sparse,
+        hierarchy=hierarchy,
+        mask_token=mask_token,
         densify_norm=densify_norm,
-        decoder_width=int(decoder_width),
-        decoder_depth=int(decoder_depth),
-        norm_pix_loss=bool(norm_pix_loss),
-        drop_path_rate=float(drop_path_rate),
+        decoder_width=decoder_width,
+        decoder_depth=decoder_depth,
+        norm_pix_loss=norm_pix_loss,
+        drop_path_rate=drop_path_rate,
     )
     validate_config(config)
-    return SparK(config)
+    # Checked above; plain Python numbers keep configs equal and JSON-able (numpy scalars).
+    return SparK(
+        dataclasses.replace(
+            config,
+            mask_ratio=float(mask_ratio),
+            hierarchy=int(hierarchy),
+            decoder_width=int(decoder_width),
+            decoder_depth=int(decoder_depth),
+            drop_path_rate=float(drop_path_rate),
+        )
+    )

@@ -161,6 +161,10 @@ class _VisibleBatchNormCUDA(torch.autograd.Function):
     statistics follow by rescaling with ``positions / visible``. The backward kernel takes
     the element count as a device tensor, so no value is read back to the host.
     Channels-last and bf16/fp16 inputs stay in their layout and dtype.
+
+    The rescaling recovers the visible variance from unshifted fp32 moments, so its relative
+    error grows like 1e-7 * (mean / std)**2 (1e-5 at a channel mean of 10 std); the generic
+    path (CPU, compiled) subtracts the running mean first and stays exact.
     """
 
     @staticmethod

@@ -73,3 +73,25 @@ def test_a_foreign_file_is_not_taken_for_a_checkpoint(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not a spark_core checkpoint"):
         build_spark_from_checkpoint(path)
+
+
+class _RunsOnLoad:
+    """Unpickling this object would call ``touch`` (what a planted checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_with_code_in_it_is_refused_without_running_it(tmp_path: Path) -> None:
+    model = build_spark("resnet18", 64, decoder_width=64)
+    path = save_checkpoint(model, tmp_path / "ckpt.pt", extra={"planted": None})
+    payload = torch.load(path, weights_only=True)
+    marker = tmp_path / "ran"
+    payload["extra"]["planted"] = _RunsOnLoad(marker)
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="refused, it holds Python objects"):
+        build_spark_from_checkpoint(path)
+    assert not marker.exists()

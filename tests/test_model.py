@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -315,12 +316,46 @@ def test_two_models_with_different_masks_do_not_interfere() -> None:
         ({"decoder_depth": 0}, "decoder_depth"),
         ({"decoder_width": 100}, "decoder_width"),
         ({"densify_norm": "gn"}, "densify_norm"),
+        # 64 px is a 2x2 grid: 0.1 keeps all 4 patches (loss always 0), 0.9 keeps none.
+        ({"mask_ratio": 0.1}, "mask_ratio=0.1 with input_size=.*4 of 4 patches.*nothing is masked"),
+        ({"mask_ratio": 0.9}, "mask_ratio=0.9 with input_size=.*0 of 4 patches.*sees nothing"),
+        ({"input_size": 32}, "0 of 1 patch stay visible"),
+        # Look-alikes are refused, not coerced ("False" would have meant True).
+        ({"sparse": "False"}, "sparse='False': must be True or False"),
+        ({"mask_token": 0}, "mask_token=0: must be True or False"),
+        ({"norm_pix_loss": None}, "norm_pix_loss=None"),
+        ({"decoder_depth": 2.5}, "decoder_depth=2.5: must be an integer"),
+        ({"hierarchy": True}, "hierarchy=True: must be an integer"),
+        ({"mask_ratio": "0.6"}, "mask_ratio='0.6': must be a number"),
+        ({"input_size": (64.0, 64)}, "input_size"),
+        ({"input_size": "64"}, "input_size"),
+        ({"backbone": "resnet18.no_such_tag"}, "not a timm model"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs: dict, needle: str) -> None:
     args = {"backbone": "resnet18", "input_size": TEST_SIZE, **kwargs}
     with pytest.raises(ValueError, match=needle):
         build_spark(args.pop("backbone"), args.pop("input_size"), **args)
+
+
+def test_numpy_scalars_and_pretrained_tags_are_accepted() -> None:
+    model = build_spark(
+        "resnet18.a1_in1k",
+        np.int64(TEST_SIZE),
+        mask_ratio=np.float64(0.75),
+        decoder_depth=np.int64(1),
+    )
+    assert model.config.backbone == "resnet18.a1_in1k"
+    assert type(model.config.mask_ratio) is float and type(model.config.decoder_depth) is int
+    assert model.config.input_size == (TEST_SIZE, TEST_SIZE)
+
+
+def test_a_sparse_layer_run_outside_the_forward_pass_says_why() -> None:
+    model = small_spark("resnet18")
+    with pytest.raises(
+        RuntimeError, match=r"outside a masked forward pass.*[Gg]radient checkpointing"
+    ):
+        model.encoder(make_images())
 
 
 def test_bad_mask_is_rejected() -> None:

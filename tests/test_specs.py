@@ -314,6 +314,9 @@ def test_build_kwargs_build_a_real_model() -> None:
         ({"spark": {"mask_ratio": 1.0}}, "spark.mask_ratio", "less than 1"),
         ({"spark": {"mask_ratio": 0.0}}, "spark.mask_ratio", "greater than 0"),
         ({"spark": {"mask_ratio": -0.1}}, "spark.mask_ratio", "greater than 0"),
+        # 224 px is a 7x7 grid: 0.99 keeps no patch visible, 0.005 masks none.
+        ({"spark": {"mask_ratio": 0.99}}, "spark.mask_ratio", "= 0 of 49 patches stay visible"),
+        ({"spark": {"mask_ratio": 0.005}}, "spark.mask_ratio", "nothing is masked"),
         ({"spark": {"hierarchy": 5}}, "spark.hierarchy", "less than or equal to 4"),
         ({"spark": {"hierarchy": 0}}, "spark.hierarchy", "greater than or equal to 1"),
         ({"spark": {"decoder_width": 100}}, "spark.decoder_width", "multiple of 32"),

@@ -54,6 +54,11 @@ def test_the_examples_validate(tmp_path: Path) -> None:
         ({"search": {"spark.nope": {"grid": [1]}}}, "search.spark.nope", "not a field"),
         ({"search": {"model": {"grid": [1]}}}, "search.model", "not a field"),
         ({"search": {"spark.mask_ratio": {"grid": [0.5, 1.2]}}}, "search.spark.mask_ratio", "1.2"),
+        (  # at the base's 64 px (2x2 patches) 0.9 leaves no patch visible
+            {"search": {"spark.mask_ratio": {"grid": [0.5, 0.9]}}},
+            "search.spark.mask_ratio",
+            "0 of 4 patches stay visible",
+        ),
         (
             {"search": {"spark.hierarchy": {"choice": [1, 5]}}, "algorithm": "random"},
             "search.spark.hierarchy",

@@ -29,6 +29,21 @@ def backbone(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def perturb_norms_and_biases_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every 1-D parameter (biases, norm affines, layer scales), in place.
+
+    A fresh timm ConvNeXt has all of them at 0 (layer scales at 1e-6), so a layer that
+    forgets to re-mask its output still writes exact zeros at masked positions; sparse
+    correctness is only tested once they are not trivial.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(0.1 * torch.randn(param.shape, generator=g))
+    return model
+
+
 def make_images(batch: int = 4, size: int = TEST_SIZE, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, size, size, generator=g)

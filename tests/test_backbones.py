@@ -7,6 +7,7 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import perturb_norms_and_biases_
 
 from spark_core import build_spark
 from spark_core.backbones import BACKBONE_FAMILIES
@@ -57,7 +58,7 @@ def _masked(feature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_layer_kinds_stay_sparse_correct(name: str) -> None:
     torch.manual_seed(0)
-    model = build_spark(name, 64, decoder_width=64).train()
+    model = perturb_norms_and_biases_(build_spark(name, 64, decoder_width=64)).train()
     twin = copy.deepcopy(model)
     images = torch.randn(3, 3, 64, 64)
     active = model.generate_mask(3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import TEST_DECODER_WIDTH, TEST_SIZE, make_images
+from conftest import TEST_DECODER_WIDTH, TEST_SIZE, make_images, perturb_norms_and_biases_
 from torch import nn
 
 from spark_core import build_spark
@@ -17,8 +17,9 @@ from spark_core.sparse import SparseBatchNorm2d
 
 
 def small_spark(backbone: str, **kwargs) -> nn.Module:
+    """A small SparK with non-trivial biases and norm affines (see perturb_norms_and_biases_)."""
     kwargs.setdefault("decoder_width", TEST_DECODER_WIDTH)
-    return build_spark(backbone, TEST_SIZE, **kwargs)
+    return perturb_norms_and_biases_(build_spark(backbone, TEST_SIZE, **kwargs))
 
 
 def masked_part(feature: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -157,8 +158,8 @@ def test_mask_tokens_fill_masked_positions(backbone: str) -> None:
     assert all(t.abs().max() <= 0.02 for t in model.mask_tokens)
 
 
-def test_without_mask_token_masked_positions_stay_zero() -> None:
-    model = small_spark("resnet18", mask_token=False).train()
+def test_without_mask_token_masked_positions_stay_zero(backbone: str) -> None:
+    model = small_spark(backbone, mask_token=False).train()
     assert len(model.mask_tokens) == 0
     images = make_images()
     active = model.generate_mask(images.shape[0])
@@ -198,11 +199,11 @@ def test_hierarchy_one_feeds_only_the_smallest_map() -> None:
     active = model.generate_mask(images.shape[0])
     inputs = _densify_inputs(model, images, active)
     assert [t.shape[-1] for t in inputs] == [2]
-    # Block 1 receives block 0's output alone: no skip from a larger map is added.
-    captured = []
-    model.decoder.dec[1].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    # The decoder gets the smallest map alone: no skip from a larger map is added.
+    decoder_inputs = []
+    model.decoder.register_forward_pre_hook(lambda m, a: decoder_inputs.append(a[0]))
     model(images, active)
-    assert captured[0].shape[1] == 64
+    assert [t.shape[-1] for t in decoder_inputs[0]] == [2]
 
 
 # --------------------------------------------------------------------------- loss
@@ -269,13 +270,15 @@ def test_reconstruct_pastes_visible_patches() -> None:
 # --------------------------------------------------------------------------- ablations
 
 
-def test_dense_masking_lets_masked_positions_become_nonzero() -> None:
-    model = small_spark("resnet18", sparse=False).train()
+def test_dense_masking_lets_masked_positions_become_nonzero(backbone: str) -> None:
+    model = small_spark(backbone, sparse=False).train()
     images = make_images()
     active = model.generate_mask(4)
     features = model.encode(images, active)
     assert all(torch.count_nonzero(masked_part(f, active)) > 0 for f in features)
-    assert not any(isinstance(m, SparseBatchNorm2d) for m in model.encoder.modules())
+    encoder_modules = list(model.encoder.modules())
+    assert not any(type(m).__module__ == "spark_core.sparse" for m in encoder_modules)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in encoder_modules)
 
 
 # --------------------------------------------------------------------------- isolation

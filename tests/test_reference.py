@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_images
+from conftest import make_images, perturb_norms_and_biases_
 
 from spark_core import build_spark
 from spark_core.reference_impl import build_reference_spark
@@ -12,7 +12,8 @@ from spark_core.reference_impl import build_reference_spark
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_same_loss_prediction_and_gradients_as_the_reference(backbone: str, mode: str) -> None:
-    ours = build_spark(backbone, 64, decoder_width=128).train(mode == "train")
+    ours = perturb_norms_and_biases_(build_spark(backbone, 64, decoder_width=128))
+    ours.train(mode == "train")
     reference = build_reference_spark(backbone, 64, decoder_width=128).train(mode == "train")
     reference.load_state_dict(ours.state_dict())
     images = make_images()

@@ -120,6 +120,10 @@ class MaskContext:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
+        if channels_last:  # a view of the NCHW mask: one up-sampling per resolution
+            mask = self.mask(height, width).permute(0, 2, 3, 1)
+            self._cache[key] = mask
+            return mask
         if self._active is None:
             raise RuntimeError(
                 "a sparse layer ran outside a masked forward pass; call it through "
@@ -128,8 +132,6 @@ class MaskContext:
                 "forward pass, and does not work with the sparse encoder"
             )
         mask = upsample_mask(self._active, (height, width))
-        if channels_last:
-            mask = mask.permute(0, 2, 3, 1)
         self._cache[key] = mask
         return mask
 

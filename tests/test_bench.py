@@ -32,7 +32,29 @@ def test_bench_settings_follow_the_flags() -> None:
     args = bench.parse_args(["--device", "cuda", "--no-cudnn-benchmark", "--compile-optimizer"])
     assert (args.backbone, args.input_size, args.batch_size) == ("resnet50", 224, 128)
     assert args.cudnn_benchmark is False and args.compile_optimizer is True
-    assert bench.parse_args([]).compile_optimizer is True  # CPU default
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [  # the settings of the targets (and of the README's table)
+        ("cpu", ("resnet18", 96, 16, "bf16", True, True, True, "fp32")),
+        ("cuda", ("resnet50", 224, 128, "bf16", True, True, False, "fp32")),
+    ],
+)
+def test_bench_defaults_are_the_targets_settings(device: str, expected: tuple) -> None:
+    args = bench.parse_args(["--device", device])
+    settings = (
+        args.backbone,
+        args.input_size,
+        args.batch_size,
+        args.precision,
+        args.channels_last,
+        args.compile,
+        args.compile_optimizer,
+        args.reference_precision,
+    )
+    assert settings == expected
+    assert args.variants.split(",") == ["spark", "reference", "dense"]
 
 
 def test_bench_profile_lists_convolutions() -> None:

@@ -64,6 +64,28 @@ def test_transforms_shapes(size: int | tuple[int, int]) -> None:
     assert eval_out[0].mean().item() == pytest.approx((200 / 255 - 0.485) / 0.229, abs=0.02)
 
 
+def test_pretrain_transform_is_the_reference_augmentation() -> None:
+    """Crops keep >= 67 % of the area (bicubic), half the images are flipped, then ImageNet
+    normalisation: seen on a ramp image whose red channel encodes the column."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+    transform = build_pretrain_transform(32)
+    (crop,) = [t for t in transform.transforms if isinstance(t, RandomResizedCrop)]
+    assert crop.scale == (0.67, 1.0) and crop.interpolation == InterpolationMode.BICUBIC
+    ramp = np.tile(np.linspace(0, 255, 128).round().astype(np.uint8), (128, 1))
+    image = Image.fromarray(np.stack([ramp, ramp.T, np.zeros_like(ramp)], -1))
+    torch.manual_seed(0)
+    spans, flipped = [], []
+    for _ in range(40):
+        red = transform(image)[0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # column position in 0..1
+        columns = red.mean(0)
+        spans.append(float(columns.max() - columns.min()))
+        flipped.append(bool(columns[0] > columns[-1]))
+    # Area >= 0.67 with aspect ratio <= 4/3 keeps >= sqrt(0.67 * 3/4) = 0.71 of the width.
+    assert min(spans) > 0.65
+    assert 8 <= sum(flipped) <= 32
+
+
 @pytest.mark.parametrize("bad", [0, -3, (32,), (32, 0), "32", True])
 def test_transform_rejects_bad_size(bad: object) -> None:
     with pytest.raises(ValueError, match="input_size"):

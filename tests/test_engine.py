@@ -130,15 +130,58 @@ def test_step_metrics_reach_callbacks(dataset: ImageFolderDataset) -> None:
     assert len(quiet.getvalue().strip().splitlines()) == 3  # first step, then each epoch end
 
 
-@pytest.mark.parametrize(("precision", "channels_last"), [("bf16", True), ("fp16", False)])
+def test_each_step_uses_the_scheduled_lr_and_weight_decay(dataset: ImageFolderDataset) -> None:
+    recorder = Recorder()
+    engine = make_engine([recorder], log_every=1, weight_decay=0.04, weight_decay_end=0.2)
+    seen: list[list[tuple[float, float, float]]] = []
+    optimizer_step = engine.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append(
+            [
+                (g["lr"], g["weight_decay"], g["weight_decay_scale"])
+                for g in engine.optimizer.param_groups
+            ]
+        )
+        return optimizer_step(*args, **kwargs)
+
+    engine.optimizer.step = recording_step
+    engine.fit(dataset)  # 2 epochs of 4 steps, warm-up 1 epoch
+    assert len(seen) == len(recorder.steps) == 8
+    for step, (groups, metrics) in enumerate(zip(seen, recorder.steps, strict=True)):
+        lr, wd = lr_wd_at(
+            step, total_steps=8, warmup_steps=4, peak=engine.peak_lr, weight_decay=0.04,
+            weight_decay_end=0.2,
+        )  # fmt: skip
+        assert (metrics.lr, metrics.weight_decay) == pytest.approx((lr, wd))
+        assert {scale for *_, scale in groups} == {0.0, 1.0}
+        for group_lr, group_wd, scale in groups:
+            assert (group_lr, group_wd) == pytest.approx((lr, wd * scale))
+    assert seen[3][0][0] > seen[0][0][0] and seen[7][0][1] > seen[0][0][1]
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "channels_last"),
+    [
+        ("bf16", torch.bfloat16, True),
+        ("fp16", torch.float16, False),
+        ("fp32", torch.float32, False),
+    ],
+)
 def test_mixed_precision_and_channels_last(
-    dataset: ImageFolderDataset, precision: str, channels_last: bool
+    dataset: ImageFolderDataset, precision: str, dtype: torch.dtype, channels_last: bool
 ) -> None:
     engine = make_engine(precision=precision, channels_last=channels_last, epochs=1)
+    decoder_outputs: list[torch.Tensor] = []
+    conv = engine.model.decoder.dec[0].conv[0]
+    conv.register_forward_hook(lambda m, args, out: decoder_outputs.append(out))
     history = engine.fit(dataset)
     assert math.isfinite(history[0].loss)
-    if precision == "fp16":
-        assert engine.scaler is not None
+    assert {out.dtype for out in decoder_outputs} == {dtype}
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert all(out.is_contiguous(memory_format=layout) for out in decoder_outputs)
+    assert conv.weight.is_contiguous(memory_format=layout) and conv.weight.dtype == torch.float32
+    assert (engine.scaler is not None) == (precision == "fp16")
 
 
 @pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
@@ -185,6 +228,37 @@ def test_compiled_optimizer_steps_like_the_eager_one(precision: str) -> None:
     assert max(eager_norms) > 1e-2  # clipping was active
     for a, b in zip(eager_params, compiled_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_model_compiles_to_one_graph(backbone: str) -> None:
+    model = build_spark(backbone, SIZE, decoder_width=64).train()
+    explanation = torch._dynamo.explain(model)(
+        torch.randn(4, 3, SIZE, SIZE), model.generate_mask(4)
+    )
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+def test_a_compiled_step_computes_what_the_eager_step_computes() -> None:
+    """``EngineConfig(compile=True)`` end to end (forward, backward, LAMB) on a small model."""
+    runs = []
+    try:
+        for compile_model in (False, True):
+            torch.manual_seed(0)
+            model = build_spark("resnet10t", SIZE, decoder_width=64, decoder_depth=1)
+            engine = PretrainEngine(model, EngineConfig(batch_size=8, compile=compile_model))
+            engine._set_schedule(10)
+            g = torch.Generator().manual_seed(1)
+            images = [torch.randn(8, 3, SIZE, SIZE, generator=g) for _ in range(2)]
+            losses = [float(engine.train_step(batch)[0]) for batch in images]
+            runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    finally:
+        torch._dynamo.reset()
+    (eager_losses, eager_params), (compiled_losses, compiled_params) = runs
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for a, b in zip(eager_params, compiled_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_non_finite_loss_is_reported(dataset: ImageFolderDataset) -> None:

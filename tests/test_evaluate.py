@@ -138,10 +138,31 @@ def test_evaluate_encoder_returns_scores_and_restores_mode(tiny_loaders) -> None
     assert model.encoder.model.layer1.training
 
 
-def test_finetune_one_epoch(tiny_loaders) -> None:
+def _colour_batches(seed: int, batches: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Noise images whose class is which of red or blue is brighter: learnable at a glance."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        labels = torch.arange(8) % 2
+        images = torch.randn(8, 3, TEST_SIZE, TEST_SIZE, generator=g)
+        images[:, 0] += torch.where(labels == 0, 1.5, -1.5).view(-1, 1, 1)
+        images[:, 2] -= torch.where(labels == 0, 1.5, -1.5).view(-1, 1, 1)
+        out.append((images, labels))
+    return out
+
+
+def test_finetune_learns_and_is_deterministic_for_a_seed() -> None:
+    state = encoder_state_dict(small_model())
+    train, val = _colour_batches(seed=0), _colour_batches(seed=1, batches=2)
+    accuracy = finetune_top1(state, "resnet18", train, val, num_classes=2, epochs=2, seed=3)
+    assert accuracy >= 90.0  # chance is 50
+    again = finetune_top1(state, "resnet18", train, val, num_classes=2, epochs=2, seed=3)
+    assert again == accuracy
+
+
+def test_finetune_accepts_image_folder_loaders(tiny_loaders) -> None:
     train, val = tiny_loaders
-    model = small_model()
-    acc = finetune_top1(encoder_state_dict(model), "resnet18", train, val, num_classes=2)
+    acc = finetune_top1(encoder_state_dict(small_model()), "resnet18", train, val, num_classes=2)
     assert 0.0 <= acc <= 100.0
 
 

@@ -58,6 +58,26 @@ def test_masked_positions_are_exactly_zero_at_every_scale(backbone: str, mode: s
         assert torch.count_nonzero(visible_part(feature, active)) > 0
 
 
+def test_masks_are_upsampled_once_per_resolution_per_forward(
+    backbone: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import spark_core.masking
+
+    sizes: list[tuple[int, int]] = []
+    upsample = spark_core.masking.upsample_mask
+
+    def counting_upsample(active: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        sizes.append(tuple(size))
+        return upsample(active, size)
+
+    monkeypatch.setattr(spark_core.masking, "upsample_mask", counting_upsample)
+    model = small_spark(backbone).train()
+    for _ in range(2):
+        sizes.clear()
+        model(make_images())
+        assert len(sizes) == len(set(sizes)) >= 4  # strides 4 to 32, each once
+
+
 def test_visible_features_do_not_depend_on_masked_pixels(backbone: str) -> None:
     model = small_spark(backbone).train()
     twin = copy.deepcopy(model)

@@ -303,8 +303,16 @@ class OpRecorder(TorchDispatchMode):
 HOST_SYNC_OPS = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.item"}
 
 
-def test_training_step_calls_no_nonzero_and_reads_nothing_back() -> None:
-    engine = make_engine()
+@pytest.mark.parametrize(
+    ("model_name", "precision"), [("resnet18", "fp32"), ("convnext_atto", "bf16")]
+)
+def test_training_step_calls_no_nonzero_and_reads_nothing_back(
+    model_name: str, precision: str
+) -> None:
+    torch.manual_seed(0)
+    model = build_spark(model_name, SIZE, decoder_width=64)
+    config = EngineConfig(batch_size=8, precision=precision, channels_last=precision == "bf16")
+    engine = PretrainEngine(model, config)
     images = torch.randn(8, 3, SIZE, SIZE)
     engine.train_step(images)  # warm-up: optimizer state creation
     with OpRecorder() as recorder:

@@ -143,7 +143,7 @@ def test_state_dict_round_trip_continues_identically() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("clip_in_step", [None, 0.05])
 def test_compiled_update_matches_eager(clip_in_step: float | None) -> None:
-    # Compiled, the update runs tensor by tensor (lamb_update_per_tensor_), eager with
+    # Compiled, the update runs tensor by tensor in two passes (compiled_lamb_update), eager with
     # foreach kernels: two writings of one update.
     eager = _run(Lamb, clip_in_step=clip_in_step)
     compiled = _run(Lamb, clip_in_step=clip_in_step, compile=True)

@@ -44,6 +44,7 @@ from orchestrator.tracking import (
     find_children,
     log_file,
     log_metrics,
+    mark_stopped,
     open_run,
 )
 
@@ -381,7 +382,7 @@ def _close_orphan_children(ref: RunRef) -> None:
     client = client_for(ref.tracking_uri)
     for child in find_children(ref):
         if child.info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(child.info.run_id, status="KILLED")
+            mark_stopped(client, child.info.run_id, "sweep ended")
 
 
 def _mark_stopped_trials(ref: RunRef, results: Any) -> None:
@@ -397,7 +398,7 @@ def _mark_stopped_trials(ref: RunRef, results: Any) -> None:
     client = client_for(ref.tracking_uri)
     for child in find_children(ref):
         if child.data.tags.get(TRIAL_TAG) in stopped:
-            client.set_terminated(child.info.run_id, status="KILLED")
+            mark_stopped(client, child.info.run_id, "scheduler")
 
 
 def _best(sweep: SweepSpec, rows: Sequence[Row]) -> Row | None:

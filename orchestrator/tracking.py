@@ -31,6 +31,8 @@ TOTAL_STEPS_TAG = "sparkorch.total_steps"
 # One point per checkpoint restore (value = the global step it resumed at).
 RESUMED_AT_STEP = "train/resumed_at_step"
 GLOBAL_BATCH_TAG = "sparkorch.global_batch_size"
+# Set on a run stopped from outside (a sweep's scheduler) just before it is ended KILLED.
+STOPPED_TAG = "sparkorch.stopped"
 ACTIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params / 1000 metrics per call
 
@@ -142,6 +144,8 @@ def open_run(
     experiment_id = ensure_experiment(client, experiment, settings)
     run_id = find_job_run(client, experiment_id, job_id)
     if run_id is not None:
+        if STOPPED_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, STOPPED_TAG)  # runs again: no longer stopped
         client.update_run(run_id, status="RUNNING")
         return RunRef(settings.tracking_uri, experiment_id, run_id), True
     run = client.create_run(experiment_id, run_name=run_name, tags={JOB_ID_TAG: job_id, **tags})
@@ -183,7 +187,10 @@ def end_run(ref: RunRef, status: str) -> None:
 
     A run someone else already ended KILLED (a sweep whose scheduler stopped the trial, a
     cancel) is not turned FAILED: that failure is the stop's echo, e.g. a stopped trial's
-    driver winding down after its sweep has marked it.
+    driver winding down after its sweep has marked it. The two run in different processes,
+    so the check alone can race with the stop (checked, then stopped, then written FAILED);
+    :func:`mark_stopped` tags the run before ending it, and a FAILED written after that
+    tag is put back to KILLED here. Every interleaving thus ends KILLED.
     """
     RunStatus.from_string(status)  # rejects unknown names
     client = client_for(ref.tracking_uri)
@@ -191,6 +198,16 @@ def end_run(ref: RunRef, status: str) -> None:
         logger.info("MLflow run %s was already ended KILLED: left so, not FAILED", ref.run_id)
         return
     client.set_terminated(ref.run_id, status=status)
+    if status == "FAILED" and STOPPED_TAG in client.get_run(ref.run_id).data.tags:
+        logger.info("MLflow run %s was stopped meanwhile: ended KILLED, not FAILED", ref.run_id)
+        client.set_terminated(ref.run_id, status="KILLED")
+
+
+def mark_stopped(client: MlflowClient, run_id: str, reason: str) -> None:
+    """End a run KILLED from outside its job (e.g. the trial a scheduler stopped); see
+    :func:`end_run` for why the tag goes first."""
+    client.set_tag(run_id, STOPPED_TAG, reason)
+    client.set_terminated(run_id, status="KILLED")
 
 
 def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int = 0) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.tracking import client_for, end_run, open_run
+from orchestrator.tracking import STOPPED_TAG, client_for, end_run, mark_stopped, open_run
 
 
 def _open(settings: OrchestratorSettings, job_id: str):
@@ -39,6 +39,34 @@ def test_a_killed_run_is_not_turned_failed_but_can_finish(settings: Orchestrator
     assert _status(ref) == "KILLED"
     end_run(ref, "FINISHED")  # it did finish after all
     assert _status(ref) == "FINISHED"
+
+
+def test_a_stop_landing_between_the_check_and_the_write_still_ends_killed(
+    settings: OrchestratorSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of a stopped trial's driver (ending FAILED) with its sweep (marking it
+    stopped): the stop lands after the driver read RUNNING and before it wrote FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    ref, _ = _open(settings, "job-raced")
+    set_terminated = MlflowClient.set_terminated
+    raced = []
+
+    def stop_first(self, run_id, status=None, end_time=None):
+        if status == "FAILED" and not raced:
+            raced.append(True)
+            mark_stopped(client_for(ref.tracking_uri), run_id, "scheduler")
+        return set_terminated(self, run_id, status=status, end_time=end_time)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", stop_first)
+    end_run(ref, "FAILED")
+    assert raced and _status(ref) == "KILLED"
+    again, reopened = _open(settings, "job-raced")  # a resumed run is no longer stopped
+    assert (
+        reopened and STOPPED_TAG not in client_for(ref.tracking_uri).get_run(ref.run_id).data.tags
+    )
+    end_run(again, "FAILED")
+    assert _status(ref) == "FAILED"
 
 
 def test_end_run_sets_each_status_and_reopening_resumes(settings: OrchestratorSettings) -> None:

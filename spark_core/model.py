@@ -113,6 +113,20 @@ def _check_types(config: SparKConfig) -> None:
             raise ValueError(f"{name}={value!r}: must be a string")
 
 
+def _plain_numbers(config: SparKConfig) -> SparKConfig:
+    """A validated config with Python ints and floats (numpy scalars, a square size given
+    as an int), so configs compare equal and serialise to JSON."""
+    return dataclasses.replace(
+        config,
+        input_size=_input_size_pair(config.input_size),
+        mask_ratio=float(config.mask_ratio),
+        hierarchy=int(config.hierarchy),
+        decoder_width=int(config.decoder_width),
+        decoder_depth=int(config.decoder_depth),
+        drop_path_rate=float(config.drop_path_rate),
+    )
+
+
 def validate_config(config: SparKConfig) -> None:
     """Raise ``ValueError`` naming the argument and its allowed values on a bad config."""
     _check_types(config)
@@ -175,6 +189,7 @@ class SparK(nn.Module):
     def __init__(self, config: SparKConfig) -> None:
         super().__init__()
         validate_config(config)
+        config = _plain_numbers(config)
         self.config = config
         self.mask_context = MaskContext()
         self.encoder = SparseEncoder(
@@ -399,15 +414,4 @@ def build_spark(
         norm_pix_loss=norm_pix_loss,
         drop_path_rate=drop_path_rate,
     )
-    validate_config(config)
-    # Checked above; plain Python numbers keep configs equal and JSON-able (numpy scalars).
-    return SparK(
-        dataclasses.replace(
-            config,
-            mask_ratio=float(mask_ratio),
-            hierarchy=int(hierarchy),
-            decoder_width=int(decoder_width),
-            decoder_depth=int(decoder_depth),
-            drop_path_rate=float(drop_path_rate),
-        )
-    )
+    return SparK(config)  # validates it

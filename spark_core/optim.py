@@ -47,15 +47,14 @@ def lamb_update_(
     For eager mode (few kernel launches per group). ``grad_scale`` (0-dim) multiplies
     the gradients first (clipping without a separate pass over them).
     """
-    bias_correction1 = 1.0 - beta1**step
-    bias_correction2 = 1.0 - beta2**step
+    bias_correction1, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2)
     if grad_scale is not None:
         grads = torch._foreach_mul(grads, grad_scale)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2.sqrt())
+    torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     updates = torch._foreach_div(exp_avgs, denom)
     torch._foreach_div_(updates, bias_correction1)
@@ -78,6 +77,17 @@ def _bias_corrections(
     step: torch.Tensor, beta1: float, beta2: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return 1.0 - beta1**step, (1.0 - beta2**step).sqrt()
+
+
+def _adam_direction(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    bias_correction1: torch.Tensor,
+    bias_correction2_sqrt: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The bias-corrected Adam step of one tensor, before weight decay and trust ratio."""
+    return exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps) / bias_correction1
 
 
 def lamb_moments_(
@@ -103,8 +113,10 @@ def lamb_moments_(
         exp_avg.lerp_(grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         if adapt:
-            update = exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps) / bias_correction1
-            update = update + param * weight_decay
+            update = (
+                _adam_direction(exp_avg, exp_avg_sq, bias_correction1, bias_correction2_sqrt, eps)
+                + param * weight_decay
+            )
             norms = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
             ratios.append(_trust_ratios(*norms))
     return ratios
@@ -128,7 +140,7 @@ def lamb_apply_(
     for index, (param, exp_avg, exp_avg_sq) in enumerate(
         zip(params, exp_avgs, exp_avg_sqs, strict=True)
     ):
-        update = exp_avg / (exp_avg_sq.sqrt() / bias_correction2_sqrt + eps) / bias_correction1
+        update = _adam_direction(exp_avg, exp_avg_sq, bias_correction1, bias_correction2_sqrt, eps)
         if adapt:
             update = (update + param * weight_decay) * ratios[index]
         param.sub_(update * lr)

@@ -44,7 +44,7 @@ from spark_core.backbones import resolve_family
 from spark_core.checkpoint import load_checkpoint, save_checkpoint
 from spark_core.model import SparK
 from spark_core.optim import Lamb, clip_factor, compiled_or_eager
-from spark_core.runtime import cudnn_autotuning
+from spark_core.runtime import autocast_is_native, cudnn_autotuning
 from spark_core.sparse import synchronize_batch_norms
 
 logger = logging.getLogger(__name__)
@@ -335,6 +335,15 @@ class PretrainEngine:
             compiled_or_eager(fusable_norm, eager_norm) if config.compile_optimizer else eager_norm
         )
         self.autocast_dtype = PRECISIONS[config.precision]
+        if not autocast_is_native(self.device, self.autocast_dtype):
+            logger.warning(
+                "precision=%r on %s: this device has no %s convolution kernels, so each step "
+                "runs on slow fallbacks (an AVX2-only CPU: about 20x slower than fp32); "
+                "use precision='fp32' here",
+                config.precision,
+                self.device,
+                config.precision,
+            )
         self.scaler = torch.amp.GradScaler(self.device.type) if config.precision == "fp16" else None
         self.callbacks = list(callbacks)
         self.epoch = 0  # next epoch to run

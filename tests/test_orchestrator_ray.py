@@ -256,6 +256,7 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(
     assert client(ray_cluster).get_run(result.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.extended
 def test_a_job_stopped_with_sigterm_is_killed_and_resumes_under_the_same_id(
     ray_cluster: RayTestCluster, tmp_path: Path
 ) -> None:

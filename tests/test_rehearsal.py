@@ -20,6 +20,7 @@ from orchestrator.processes import kill_tree
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "rehearse_cluster.py"
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_rehearsal_of_the_cluster_topology(tmp_path: Path) -> None:
     logs = tmp_path / "logs"

@@ -225,6 +225,7 @@ def test_asha_stops_a_lagging_trial_and_ends_its_run(ray_cluster: RayTestCluster
     assert runs["False"].info.status == "KILLED"  # not left RUNNING
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(
     ray_cluster: RayTestCluster, tmp_path: Path
@@ -296,6 +297,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(
     assert len(client.get_metric_history(first_run.info.run_id, "train/step")) == steps_before
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_optuna_sweep_retries_a_trial_whose_driver_died(ray_cluster: RayTestCluster) -> None:
     """Optuna samples two trials; the first trial's driver process is killed mid-training and

@@ -24,7 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Fault-tolerance rehearsals (node loss, head restart, killed drivers): ~17 min on 2 slow cores.
+# Fault-tolerance rehearsals (node loss, head restart, killed drivers): ~18 min on 2 slow cores.
 test-extended: $(STAMP)
 	$(BIN)/python -m pytest -m extended $(PYTEST_ARGS)
 

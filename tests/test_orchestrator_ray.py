@@ -207,6 +207,7 @@ def _worker_pids() -> list[int]:
     return [a.pid for a in actors if a.pid]
 
 
+@pytest.mark.extended
 def test_a_killed_worker_is_replaced_and_training_continues_from_the_checkpoint(
     ray_cluster: RayTestCluster,
 ) -> None:

@@ -45,7 +45,7 @@ DEVICE_DEFAULTS = MappingProxyType(
             "backbone": "resnet18",
             "input_size": 96,
             "batch_size": 16,
-            # bf16 on a CPU without bf16 kernels (AVX2 only) is ~20x slower than fp32.
+            # bf16 on a CPU without bf16 kernels (AVX2 only) is 10-15x slower than fp32.
             "precision": "auto",
             "compile": True,
             "compile_optimizer": True,

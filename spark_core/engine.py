@@ -338,7 +338,7 @@ class PretrainEngine:
         if not autocast_is_native(self.device, self.autocast_dtype):
             logger.warning(
                 "precision=%r on %s: this device has no %s convolution kernels, so each step "
-                "runs on slow fallbacks (an AVX2-only CPU: about 20x slower than fp32); "
+                "runs on slow fallbacks (an AVX2-only CPU: 10-15x slower than fp32); "
                 "use precision='fp32' here",
                 config.precision,
                 self.device,

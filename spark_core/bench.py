@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import Lamb
 
-from spark_core.engine import EngineConfig, PretrainEngine, param_groups
+from spark_core.engine import PRECISIONS, EngineConfig, PretrainEngine, param_groups
 from spark_core.model import build_spark
 from spark_core.reference_impl import build_reference_spark
 from spark_core.runtime import cudnn_autotuning, fastest_precision, keep_freed_memory_in_process
@@ -155,7 +155,7 @@ def _reference_step(args: argparse.Namespace, device: torch.device) -> Callable[
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.reference_precision]
+    dtype = PRECISIONS[args.reference_precision]
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -178,7 +178,7 @@ def _dense_step(args: argparse.Namespace, device: torch.device) -> Callable[[], 
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = PRECISIONS[args.precision]
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -208,11 +208,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
+        choices=["auto", *PRECISIONS],
         help="spark's autocast dtype (default: cuda bf16; cpu auto = bf16 where the CPU has "
         "bf16 convolution kernels, else fp32)",
     )
-    parser.add_argument("--reference-precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--reference-precision", default="fp32", choices=list(PRECISIONS))
     parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument(
         "--compile",

@@ -12,9 +12,9 @@ from api.auth import TokenRegistry
 from api.limits import BodySizeLimit, RateLimiter
 from api.problems import install_problem_handlers
 from api.routes import health, jobs, specs
-from api.scheduler import RayJobs, Reconciler
-from api.service import JobService
-from orchestrator.jobstore import JobStore
+from orchestrator.control.scheduler import RayJobs, Reconciler
+from orchestrator.control.service import JobService
+from orchestrator.control.store import JobStore
 from orchestrator.settings import OrchestratorSettings
 
 logger = logging.getLogger(__name__)

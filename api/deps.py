@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from api.auth import TokenRegistry
 from api.limits import RateLimiter, retry_after
 from api.problems import ProblemException
-from api.service import JobService
+from orchestrator.control.service import JobService
 from orchestrator.settings import OrchestratorSettings
 
 bearer = HTTPBearer(auto_error=False, description="an API token (sparkctl: SPARKORCH_TOKEN)")

@@ -1,4 +1,4 @@
-"""Request and response bodies of the REST API (the storage model is orchestrator.jobstore)."""
+"""Request and response bodies of the REST API (the storage model is orchestrator.control.store)."""
 
 from __future__ import annotations
 

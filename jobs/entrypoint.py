@@ -63,7 +63,7 @@ def main(kind: str, argv: list[str] | None = None) -> int:
     try:
         job_id = check_job_id(args.job_id) if args.job_id else None
         if args.spec is None:
-            from orchestrator.jobstore import JobStore
+            from orchestrator.control.store import JobStore
 
             store = JobStore(settings.job_store_url)
             spec = _spec_from_store(kind, job_id, store, settings)

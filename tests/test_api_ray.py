@@ -18,7 +18,7 @@ from conftest import ApiServer, RayTestCluster, free_port
 from mlflow.tracking import MlflowClient
 
 from api.auth import issue_token
-from orchestrator.jobstore import JobStore, new_job
+from orchestrator.control.store import JobStore, new_job
 from orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.slow

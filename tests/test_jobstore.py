@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 import sqlalchemy as sa
 
-from orchestrator.jobstore import (
+from orchestrator.control.store import (
     MIGRATIONS,
     IdempotencyConflict,
     JobFilter,

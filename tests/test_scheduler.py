@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from api.scheduler import RayUnavailable, _not_found, submission_id, submission_ids
-from orchestrator.jobstore import new_job
+from orchestrator.control.scheduler import RayUnavailable, _not_found, submission_id, submission_ids
+from orchestrator.control.store import new_job
 
 
 def test_only_a_404_status_means_not_found() -> None:

@@ -24,9 +24,9 @@ from api.models import (
 )
 from api.problems import ProblemException
 from api.routes import AUTH_PROBLEMS, problems
-from api.scheduler import RayUnavailable
-from api.service import JobFinished, JobNotFound, JobNotHeld, QueueFull, QuotaExceeded
-from orchestrator.jobstore import IdempotencyConflict, Job
+from orchestrator.control.scheduler import RayUnavailable
+from orchestrator.control.service import JobFinished, JobNotFound, JobNotHeld, QueueFull, QuotaExceeded
+from orchestrator.control.store import IdempotencyConflict, Job
 from orchestrator.specs import SpecError
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.scheduler import RayJobs, Reconciler, submission_id, submission_ids
-from orchestrator.jobstore import (
+from orchestrator.control.scheduler import RayJobs, Reconciler, submission_id, submission_ids
+from orchestrator.control.store import (
     ACTIVE_STATES,
     TERMINAL_STATES,
     Job,

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from orchestrator.jobstore import ACTIVE_STATES, ON_RAY_STATES, Job, JobStore
+from orchestrator.control.store import ACTIVE_STATES, ON_RAY_STATES, Job, JobStore
 from orchestrator.runner import get_kind
 from orchestrator.settings import OrchestratorSettings
 

@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Any
 
-from orchestrator.pretrain import JobCancelled, check_job_id, exit_after_cancel
+from orchestrator.lifecycle import JobCancelled, check_job_id, exit_after_cancel
 from orchestrator.runner import get_kind, run_job
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import SpecError

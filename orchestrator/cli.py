@@ -127,7 +127,7 @@ def _run_and_follow(
     args: argparse.Namespace, settings: OrchestratorSettings, kind: str, spec: Any
 ) -> Any:
     """Run the job in-process with a live view; exits 130 on Ctrl-C / SIGTERM."""
-    from orchestrator.pretrain import JobCancelled, exit_after_cancel
+    from orchestrator.lifecycle import JobCancelled, exit_after_cancel
     from orchestrator.progress import Poller
     from orchestrator.runner import get_kind, run_job
 

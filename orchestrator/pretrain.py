@@ -10,22 +10,18 @@ FAILED or KILLED (on :class:`JobCancelled` / ``KeyboardInterrupt``).
 from __future__ import annotations
 
 import logging
-import os
-import re
-import signal
-import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from orchestrator.cluster import ray_session
 from orchestrator.evaluation import CHECKPOINT_FILE, final_model, run_evaluation
+from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec
 from orchestrator.tracking import RunRef, end_run, log_file, log_metrics, open_job_run
@@ -34,13 +30,8 @@ from spark_core.checkpoint import export_encoder
 
 logger = logging.getLogger(__name__)
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ENCODER_ARTIFACT_DIR = "encoder"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
-
-
-class JobCancelled(Exception):  # reads as what happened
-    """The job was asked to stop (SIGTERM from Ray's job stop, or the user)."""
 
 
 @dataclass
@@ -59,19 +50,6 @@ class PretrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def new_job_id() -> str:
-    return str(uuid.uuid4())
-
-
-def check_job_id(job_id: str) -> str:
-    if not JOB_ID_PATTERN.fullmatch(job_id):
-        raise ValueError(
-            f"job id {job_id!r}: use 1-64 letters, digits, '-' or '_' (a UUID works), "
-            "starting with a letter or digit"
-        )
-    return job_id
 
 
 def _trainer(
@@ -267,29 +245,3 @@ def run_pretrain(
         raise
     finally:
         end_run(ref, status)
-
-
-@contextmanager
-def cancel_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM (``ray job stop``, ``docker stop``, ``kill``) into :class:`JobCancelled`."""
-
-    def _raise(signum: int, frame: Any) -> None:
-        raise JobCancelled(f"received signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def exit_after_cancel(code: int = 130) -> NoReturn:
-    """Leave the process at once after a cancellation (the MLflow run is already KILLED).
-
-    Ray's fit thread may still sit inside Ray's C++ core worker, which does not survive a
-    normal interpreter shutdown; skip it.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.pretrain import JobCancelled, cancel_on_sigterm
+from orchestrator.lifecycle import JobCancelled, cancel_on_sigterm
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import (
     PretrainSpec,

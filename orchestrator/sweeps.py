@@ -28,13 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, ray_session
-from orchestrator.pretrain import (
-    JobCancelled,
-    check_job_id,
-    fit_interruptibly,
-    new_job_id,
-    run_pretrain,
-)
+from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
+from orchestrator.pretrain import fit_interruptibly, run_pretrain
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import Distribution, SweepSpec, flatten, parse_sweep
 from orchestrator.tracking import (

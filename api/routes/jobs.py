@@ -25,7 +25,13 @@ from api.models import (
 from api.problems import ProblemException
 from api.routes import AUTH_PROBLEMS, problems
 from orchestrator.control.scheduler import RayUnavailable
-from orchestrator.control.service import JobFinished, JobNotFound, JobNotHeld, QueueFull, QuotaExceeded
+from orchestrator.control.service import (
+    JobFinished,
+    JobNotFound,
+    JobNotHeld,
+    QueueFull,
+    QuotaExceeded,
+)
 from orchestrator.control.store import IdempotencyConflict, Job
 from orchestrator.specs import SpecError
 

@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, the job service, the authenticated owner."""
+"""FastAPI dependencies: the job service and the authenticated owner."""
 
 from __future__ import annotations
 
@@ -11,13 +11,8 @@ from api.auth import TokenRegistry
 from api.limits import RateLimiter, retry_after
 from api.problems import ProblemException
 from orchestrator.control.service import JobService
-from orchestrator.settings import OrchestratorSettings
 
 bearer = HTTPBearer(auto_error=False, description="an API token (sparkctl: SPARKORCH_TOKEN)")
-
-
-def get_settings(request: Request) -> OrchestratorSettings:
-    return request.app.state.settings
 
 
 def get_service(request: Request) -> JobService:
@@ -49,4 +44,3 @@ def get_owner(
 
 Owner = Annotated[str, Depends(get_owner)]
 Service = Annotated[JobService, Depends(get_service)]
-Settings = Annotated[OrchestratorSettings, Depends(get_settings)]

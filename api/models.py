@@ -7,10 +7,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobKindName = Literal["pretrain", "sweep"]
-JobState = Literal[
-    "HELD", "QUEUED", "SUBMITTING", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-]
+from orchestrator.control.states import JOB_STATES
+from orchestrator.kinds import JOB_KINDS
+
+# The enums come from where the facts live: the kind registry and the job store's states.
+JobKindName = Literal[tuple(JOB_KINDS)]  # type: ignore[valid-type]
+JobState = Literal[JOB_STATES]  # type: ignore[valid-type]
+KINDS_HELP = "; ".join(f"{name}: {kind.summary}" for name, kind in JOB_KINDS.items())
 
 
 class JobCreate(BaseModel):
@@ -18,9 +21,10 @@ class JobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: JobKindName = Field(description="pretrain: one PretrainSpec; sweep: one SweepSpec")
+    kind: JobKindName = Field(description=KINDS_HELP)
     spec: dict[str, Any] = Field(
-        description="the spec document (see GET /v1/specs/schema for both JSON Schemas)"
+        description="the spec document of that kind (GET /v1/specs/schema has every kind's "
+        "JSON Schema)"
     )
     hold: bool = Field(
         False, description="store the job HELD: it runs after POST /v1/jobs/{id}/release"
@@ -47,6 +51,10 @@ class JobOut(BaseModel):
     spec: dict[str, Any] = Field(description="the validated spec, defaults filled in")
     message: str | None = Field(None, description="why the job failed or is waiting")
     submissions: int = Field(description="times the job was submitted to Ray")
+    num_workers: int = Field(
+        description="Ray Train workers the job holds at once (a sweep: all concurrent trials)"
+    )
+    num_gpus: float = Field(description="GPUs the job holds at once")
     cancel_requested: bool
     mlflow_run_id: str | None = None
     created_at: dt.datetime

@@ -1,22 +1,30 @@
 """``python -m api.stack`` (``make run``): the whole embedded stack on localhost.
 
-Starts a local Ray cluster (GCS on a free port, never Redis's 6379; dashboard with the Job
-Submission API on 127.0.0.1), the MLflow UI over the same SQLite store, and the REST service
-on 127.0.0.1:``$SPARKORCH_API_PORT``; writes a ready API token to ``$SPARKORCH_HOME/api-token``;
-submits ``examples/pretrain-smoke.yaml`` through the API; stays up until Ctrl-C, then stops
-everything it started (and nothing else).
+Starts a local Ray cluster (every Ray process on 127.0.0.1, GCS on a free port, never
+Redis's 6379; dashboard with the Job Submission API on ``$SPARKORCH_RAY_DASHBOARD_URL``), the
+MLflow UI over the same SQLite store on 127.0.0.1:``$SPARKORCH_MLFLOW_UI_PORT``, and the
+REST service on 127.0.0.1:``$SPARKORCH_API_PORT``; writes a ready API token to
+``$SPARKORCH_HOME/api-token``; submits ``examples/pretrain-smoke.yaml`` through the API; stays
+up until Ctrl-C, then stops everything it started (and nothing else).
+
+A port that is already taken stops it before it starts anything, with the setting to change.
+A watchdog process stops everything the stack started when the stack dies in any other way
+(``kill -9`` included).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -24,13 +32,28 @@ import uvicorn
 
 from api.app import create_app
 from api.auth import TokenRegistry, issue_token
-from orchestrator.cluster import init_local_cluster
+from orchestrator.cluster import LOOPBACK, init_local_cluster
+from orchestrator.processes import (
+    descendants,
+    describe,
+    die_with_parent,
+    listening,
+    port_holders,
+    start_watchdog,
+)
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import read_spec_file
 
 logger = logging.getLogger("api.stack")
 SMOKE = Path(__file__).resolve().parent.parent / "examples" / "pretrain-smoke.yaml"
 OWNER = "local"
+# Set, with a value new for each stack, in the environment of everything the stack starts.
+STACK_MARKER = "SPARKORCH_STACK_ID"
+MLFLOW_START_S = 180.0
+
+
+class StackError(RuntimeError):
+    """The stack cannot start as configured; the message says what to change."""
 
 
 def local_token(settings: OrchestratorSettings) -> str:
@@ -48,13 +71,61 @@ def local_token(settings: OrchestratorSettings) -> str:
     return token
 
 
+def dashboard_port(settings: OrchestratorSettings) -> int:
+    """The port of ``SPARKORCH_RAY_DASHBOARD_URL``, where the stack's Ray dashboard listens."""
+    return int(settings.ray_dashboard_url.rsplit(":", 1)[-1].rstrip("/"))
+
+
 def start_ray(settings: OrchestratorSettings) -> str:
     """A local Ray head owned by this process; returns its dashboard URL."""
-    port = int(settings.ray_dashboard_url.rsplit(":", 1)[-1].rstrip("/"))
-    return init_local_cluster(settings, dashboard_port=port)
+    return init_local_cluster(settings, dashboard_port=dashboard_port(settings))
+
+
+def stack_ports(settings: OrchestratorSettings) -> list[tuple[str, str, int, str]]:
+    """``(what, host, port, setting)`` for each port the stack listens on."""
+    return [
+        ("MLflow UI", LOOPBACK, settings.mlflow_ui_port, "SPARKORCH_MLFLOW_UI_PORT"),
+        ("API", settings.api_host, settings.api_port, "SPARKORCH_API_PORT"),
+        ("Ray dashboard", LOOPBACK, dashboard_port(settings), "SPARKORCH_RAY_DASHBOARD_URL"),
+    ]
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on ``host:port`` now, or None when it could."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As uvicorn and Ray set it: only a listener, not a closing connection, blocks.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            return error
+    return None
+
+
+def port_problem(what: str, host: str, port: int, setting: str, error: OSError) -> str:
+    """The message for a port the stack cannot listen on: which port, who holds it, the fix."""
+    if error.errno != errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port} for the {what} ({error.strerror}): set {setting}"
+    holders = "; ".join(describe(proc) for proc in port_holders(port))
+    held = f", held by {holders}" if holders else ""
+    return (
+        f"port {port} ({host}:{port}, the {what}) is already in use{held}. The stack does not "
+        f"use a server it did not start: stop that process (a stack from an earlier run?) or "
+        f"set {setting} to a free port"
+    )
+
+
+def check_ports(settings: OrchestratorSettings) -> None:
+    """Raise StackError, naming the port and its setting, when one of them is taken."""
+    for what, host, port, setting in stack_ports(settings):
+        error = bind_error(host, port)
+        if error is not None:
+            raise StackError(port_problem(what, host, port, setting, error))
 
 
 def start_mlflow_ui(settings: OrchestratorSettings) -> subprocess.Popen:
+    """The MLflow UI over the stack's store; it gets SIGTERM if this process dies."""
     log = (settings.home / "mlflow-ui.log").open("ab")
     return subprocess.Popen(
         [
@@ -65,7 +136,7 @@ def start_mlflow_ui(settings: OrchestratorSettings) -> subprocess.Popen:
             "--backend-store-uri",
             settings.tracking_uri,
             "--host",
-            "127.0.0.1",
+            LOOPBACK,
             "--port",
             str(settings.mlflow_ui_port),
             "--workers",
@@ -73,18 +144,30 @@ def start_mlflow_ui(settings: OrchestratorSettings) -> subprocess.Popen:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        # Started from the main thread (see die_with_parent), before any other thread.
+        preexec_fn=die_with_parent(),
     )
 
 
-def wait_until_up(url: str, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=5)
+def wait_for_mlflow(process: subprocess.Popen, settings: OrchestratorSettings) -> None:
+    """Until the MLflow server *we* started listens on its port (never another one there)."""
+    port = settings.mlflow_ui_port
+    deadline = time.monotonic() + MLFLOW_START_S
+    while not any(p == port for _, p, _ in listening({process.pid, *descendants(process.pid)})):
+        if process.poll() is not None:
+            error = bind_error(LOOPBACK, port)
+            if error is not None:
+                raise StackError(
+                    port_problem("MLflow UI", LOOPBACK, port, "SPARKORCH_MLFLOW_UI_PORT", error)
+                )
+            log = settings.home / "mlflow-ui.log"
+            raise StackError(f"the MLflow UI exited with {process.returncode}; see {log}")
+        if time.monotonic() > deadline:
+            logger.warning(
+                "the MLflow UI did not listen on port %d within %.0f s", port, MLFLOW_START_S
+            )
             return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    logger.warning("%s did not answer on %s within %.0f s", what, url, timeout)
+        time.sleep(0.5)
 
 
 def serve_api(settings: OrchestratorSettings) -> uvicorn.Server:
@@ -97,11 +180,16 @@ def serve_api(settings: OrchestratorSettings) -> uvicorn.Server:
     )
     server = uvicorn.Server(config)
     # In a thread uvicorn leaves the signal handlers alone: this process owns Ctrl-C.
-    threading.Thread(target=server.run, name="api", daemon=True).start()
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
+        if not thread.is_alive():  # uvicorn logs why, typically the port being taken
+            error = bind_error(settings.api_host, settings.api_port) or OSError(0, "see above")
+            what = ("API", settings.api_host, settings.api_port, "SPARKORCH_API_PORT")
+            raise StackError(port_problem(*what, error))
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the API did not start on {settings.api_host}:{settings.api_port}")
+            raise StackError(f"the API did not start on {settings.api_host}:{settings.api_port}")
         time.sleep(0.1)
     return server
 
@@ -117,64 +205,109 @@ def submit_smoke(api_url: str, token: str) -> str:
     return response.json()["id"]
 
 
+def start_stack_watchdog() -> subprocess.Popen:
+    """Mark this process's environment, then start the watchdog that reaps what carries it.
+
+    Everything the stack starts afterwards (the MLflow UI, every Ray process, the jobs'
+    drivers) inherits ``SPARKORCH_STACK_ID``; if the stack dies, even by SIGKILL, the watchdog
+    stops them, and nothing else: the value is new for each stack.
+    """
+    marker = uuid.uuid4().hex
+    os.environ[STACK_MARKER] = marker
+    return start_watchdog(STACK_MARKER, marker)
+
+
+def run_stack(settings: OrchestratorSettings, submit: bool, stop: threading.Event) -> int:
+    """Start Ray, the MLflow UI and the API; wait for ``stop``; stop all of it."""
+    watchdog = start_stack_watchdog()
+    mlflow_ui = server = None
+    try:
+        mlflow_ui = start_mlflow_ui(settings)
+        dashboard = start_ray(settings)
+        # After ray.init, which installs its own SIGTERM handler.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        ui_url = f"http://{LOOPBACK}:{settings.mlflow_ui_port}"
+        settings = settings.model_copy(
+            update={"ray_dashboard_url": dashboard, "mlflow_ui_url": ui_url}
+        )
+        token = local_token(settings)
+        server = serve_api(settings)
+        wait_for_mlflow(mlflow_ui, settings)
+        announce(settings, dashboard, token, submit)
+        stop.wait()
+    except StackError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        shutdown(server, mlflow_ui, watchdog)
+    return 0
+
+
+def announce(settings: OrchestratorSettings, dashboard: str, token: str, submit: bool) -> None:
+    """Print the URLs and the token; submit the smoke job when asked to."""
+    api_url = f"http://{settings.api_host}:{settings.api_port}"
+    print(
+        f"API            {api_url}  (docs: {api_url}/docs)\n"
+        f"API token      {token}\n"
+        f"               (also in {settings.home / 'api-token'}; export SPARKORCH_TOKEN)\n"
+        f"MLflow UI      {settings.mlflow_ui_url}\n"
+        f"Ray dashboard  {dashboard}\n"
+        f"job store      {settings.job_store_url}",
+        flush=True,
+    )
+    if submit:
+        job_id = submit_smoke(api_url, token)
+        print(
+            f"submitted {SMOKE.name}: job {job_id}\n"
+            f"  follow it:  SPARKORCH_API_URL={api_url} SPARKORCH_TOKEN=$(cat "
+            f"{settings.home / 'api-token'}) .venv/bin/sparkctl status {job_id} --wait",
+            flush=True,
+        )
+    print("Ctrl-C stops the stack.", flush=True)
+
+
+def shutdown(
+    server: uvicorn.Server | None, mlflow_ui: subprocess.Popen | None, watchdog: subprocess.Popen
+) -> None:
+    """Stop the API, the MLflow UI and Ray, then let the watchdog reap any straggler."""
+    print("stopping...", flush=True)
+    if server is not None:
+        server.should_exit = True
+        time.sleep(1)
+    if mlflow_ui is not None:
+        mlflow_ui.terminate()
+        try:
+            mlflow_ui.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            mlflow_ui.kill()
+    import ray
+
+    ray.shutdown()
+    # End of file on its stdin: the watchdog stops whatever still carries the marker.
+    watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        logger.warning("the watchdog (pid %d) is still sweeping", watchdog.pid)
+    print("stopped.", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m api.stack", description=__doc__)
     parser.add_argument("--no-submit", action="store_true", help="do not submit the smoke job")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     settings = OrchestratorSettings()
+    try:
+        # Before anything starts: a stale server on one of these ports is never adopted.
+        check_ports(settings)
+    except StackError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     settings.home.mkdir(parents=True, exist_ok=True)
     (settings.home / "data").mkdir(exist_ok=True)
-    stop = threading.Event()
-    mlflow_ui = start_mlflow_ui(settings)
-    server = None
-    try:
-        dashboard = start_ray(settings)
-        # After ray.init, which installs its own SIGTERM handler.
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        ui_url = f"http://127.0.0.1:{settings.mlflow_ui_port}"
-        settings = settings.model_copy(
-            update={"ray_dashboard_url": dashboard, "mlflow_ui_url": ui_url}
-        )
-        token = local_token(settings)
-        server = serve_api(settings)
-        wait_until_up(ui_url, "the MLflow UI")
-        api_url = f"http://{settings.api_host}:{settings.api_port}"
-        print(
-            f"API            {api_url}  (docs: {api_url}/docs)\n"
-            f"API token      {token}\n"
-            f"               (also in {settings.home / 'api-token'}; export SPARKORCH_TOKEN)\n"
-            f"MLflow UI      {ui_url}\n"
-            f"Ray dashboard  {dashboard}\n"
-            f"job store      {settings.job_store_url}",
-            flush=True,
-        )
-        if not args.no_submit:
-            job_id = submit_smoke(api_url, token)
-            print(
-                f"submitted {SMOKE.name}: job {job_id}\n"
-                f"  follow it:  SPARKORCH_API_URL={api_url} SPARKORCH_TOKEN=$(cat "
-                f"{settings.home / 'api-token'}) .venv/bin/sparkctl status {job_id} --wait",
-                flush=True,
-            )
-        print("Ctrl-C stops the stack.", flush=True)
-        stop.wait()
-    finally:
-        print("stopping...", flush=True)
-        if server is not None:
-            server.should_exit = True
-            time.sleep(1)
-        mlflow_ui.terminate()
-        try:
-            mlflow_ui.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            mlflow_ui.kill()
-        import ray
-
-        ray.shutdown()
-        print("stopped.", flush=True)
-    return 0
+    return run_stack(settings, submit=not args.no_submit, stop=threading.Event())
 
 
 if __name__ == "__main__":

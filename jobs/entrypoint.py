@@ -10,6 +10,12 @@ Two ways in:
 The job joins ``RAY_ADDRESS`` (set by Ray Jobs) or starts a local cluster, runs to the end
 and prints its result as one JSON line on stdout. SIGTERM (``ray job stop``) ends it KILLED.
 Exit codes: 0 finished, 1 failed, 2 bad spec or arguments, 130 cancelled.
+
+A cancelled job leaves no driver behind, whatever the timing (see
+:mod:`orchestrator.driver_guard`): a Ray Jobs driver dies with its parent (Ray's shell), and
+a driver of a stored job stops by itself once the store says the job is cancelled or over,
+before opening its MLflow run or while it runs. Either way its run, if one was opened, ends
+KILLED and it exits 130.
 """
 
 from __future__ import annotations
@@ -17,15 +23,30 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.lifecycle import JobCancelled, check_job_id, exit_after_cancel
-from orchestrator.runner import get_kind, run_job
+from orchestrator.driver_guard import (
+    StoreGuard,
+    cancel_reason,
+    die_with_parent,
+    end_runs_killed,
+    started_by_ray_jobs,
+)
+from orchestrator.kinds import get_kind
+from orchestrator.lifecycle import (
+    EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    JobCancelled,
+    cancel_on_sigterm,
+    check_job_id,
+    exit_after_cancel,
+)
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import SpecError
-
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
 
 
 def parse_args(kind: str, argv: list[str] | None) -> argparse.Namespace:
@@ -42,51 +63,137 @@ def parse_args(kind: str, argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _spec_from_store(kind: str, job_id: str, store: Any, settings: OrchestratorSettings) -> Any:
-    job = store.get(job_id)
+@dataclass
+class Driver:
+    """What one run of the entrypoint knows so far (for the clean-up of a cancel)."""
+
+    kind: str
+    settings: OrchestratorSettings
+    logger: logging.Logger
+    job_id: str | None = None
+    store: Any = None
+    experiment: str | None = None
+    run_id: str | None = None
+
+    def on_run_open(self, opened_id: str, ref: Any) -> None:
+        self.job_id, self.run_id = opened_id, ref.run_id
+        label = get_kind(self.kind).run_label
+        self.logger.info("job %s: MLflow %s %s", opened_id, label, ref.run_id)
+        if self.store is not None:
+            self.store.update(
+                opened_id, mlflow_run_id=ref.run_id, mlflow_experiment_id=ref.experiment_id
+            )
+
+    def end_run_killed(self) -> None:
+        """Make sure a cancel leaves no RUNNING run: it may have come before the run's own
+        clean-up could start, or interrupted it."""
+        if self.job_id is None or self.experiment is None:
+            return  # the spec was not loaded yet: no run was opened
+        ended = end_runs_killed(
+            self.settings.tracking_uri, self.experiment, self.job_id, self.run_id
+        )
+        if ended:
+            self.logger.info("ended MLflow run(s) %s KILLED", ", ".join(ended))
+
+
+def _experiment(kind: str, spec: Any, settings: OrchestratorSettings) -> str:
+    """The MLflow experiment the job's run goes to (a sweep's: its base spec's)."""
+    section = spec
+    for part in get_kind(kind).section:
+        section = getattr(section, part)
+    return section.tracking.experiment or settings.mlflow_experiment
+
+
+def _load(driver: Driver, args: argparse.Namespace) -> Any:
+    """The job's spec, from the store (``--job-id`` alone) or a file; returns None when the
+    store says the job must not run any more. Raises SpecError, ValueError, OSError."""
+    kind, settings = driver.kind, driver.settings
+    driver.job_id = check_job_id(args.job_id) if args.job_id else None
+    if args.spec is not None:
+        spec = get_kind(kind).load(args.spec, data_roots=settings.allowed_data_roots)
+        driver.experiment = _experiment(kind, spec, settings)
+        return spec
+    from orchestrator.control.store import JobStore
+
+    driver.store = JobStore(settings.job_store_url)
+    job = driver.store.get(driver.job_id)
     if job is None:
-        raise ValueError(f"job {job_id} is not in the job store {settings.job_store_url}")
+        raise ValueError(f"job {driver.job_id} is not in the job store {settings.job_store_url}")
     if job.kind != kind:
-        raise ValueError(f"job {job_id} is a {job.kind} job, not {kind}")
-    roots = settings.allowed_data_roots
-    return get_kind(kind).parse(job.spec, data_roots=roots)
+        raise ValueError(f"job {driver.job_id} is a {job.kind} job, not {kind}")
+    spec = get_kind(kind).parse(job.spec, data_roots=settings.allowed_data_roots)
+    driver.experiment = _experiment(kind, spec, settings)
+    reason = cancel_reason(job)
+    if reason is not None:
+        driver.logger.warning("%s: not starting", reason)
+        return None
+    return spec
+
+
+def _run(driver: Driver, spec: Any) -> int:
+    if driver.store is None:
+        guard: Any = _NoGuard()
+    else:
+        guard = StoreGuard(driver.store, driver.job_id)
+    kind = driver.kind
+    try:
+        with guard:
+            result = get_kind(kind).run(
+                spec,
+                job_id=driver.job_id,
+                settings=driver.settings,
+                on_run_open=driver.on_run_open,
+            )
+    except (JobCancelled, KeyboardInterrupt):
+        raise
+    except Exception:
+        driver.logger.exception(
+            "job failed; the MLflow %s is marked FAILED", get_kind(kind).run_label
+        )
+        return EXIT_FAILED
+    sys.stdout.write(json.dumps(result.to_dict(), default=str) + "\n")
+    return 0
+
+
+class _NoGuard:
+    """A spec file without the store: nothing to watch."""
+
+    def __enter__(self) -> _NoGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:
+    # First of all: a Ray Jobs driver must not outlive Ray's shell, even when Ray stopped
+    # the job while it was starting this process.
+    orphaned = started_by_ray_jobs() and not die_with_parent(signal.SIGTERM)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logger = logging.getLogger(f"jobs.{kind}")
     args = parse_args(kind, argv)
-    settings = OrchestratorSettings()
-    store = None
-    try:
-        job_id = check_job_id(args.job_id) if args.job_id else None
-        if args.spec is None:
-            from orchestrator.control.store import JobStore
-
-            store = JobStore(settings.job_store_url)
-            spec = _spec_from_store(kind, job_id, store, settings)
-        else:
-            spec = get_kind(kind).load(args.spec, data_roots=settings.allowed_data_roots)
-    except (SpecError, ValueError, OSError) as error:
-        logger.error("%s", error)
-        return EXIT_BAD_INPUT
-
-    def on_run_open(opened_id: str, ref: Any) -> None:
-        logger.info("job %s: MLflow %s %s", opened_id, get_kind(kind).run_label, ref.run_id)
-        if store is not None:
-            store.update(
-                opened_id, mlflow_run_id=ref.run_id, mlflow_experiment_id=ref.experiment_id
-            )
-
-    try:
-        result = run_job(kind, spec, job_id=job_id, settings=settings, on_run_open=on_run_open)
-    except (JobCancelled, KeyboardInterrupt):
-        logger.warning("cancelled; the MLflow %s is marked KILLED", get_kind(kind).run_label)
-        exit_after_cancel(EXIT_CANCELLED)
-    except Exception:
-        logger.exception("job failed; the MLflow %s is marked FAILED", get_kind(kind).run_label)
-        return EXIT_FAILED
-    sys.stdout.write(json.dumps(result.to_dict(), default=str) + "\n")
-    return 0
+    if orphaned:
+        logger.warning("the parent of this driver is gone (the job was stopped): not starting")
+        return EXIT_CANCELLED
+    driver = Driver(kind, OrchestratorSettings(), logger)
+    # From here on every SIGTERM (Ray's stop, the dead parent's, the store guard's) takes
+    # the one cancellation path below.
+    with cancel_on_sigterm():
+        try:
+            try:
+                spec = _load(driver, args)
+            except (SpecError, ValueError, OSError) as error:
+                logger.error("%s", error)
+                return EXIT_BAD_INPUT
+            if spec is None:
+                return EXIT_CANCELLED
+            return _run(driver, spec)
+        except (JobCancelled, KeyboardInterrupt):
+            # More SIGTERMs may follow (each defence sends one): none may cut the clean-up.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            driver.end_run_killed()
+            label = get_kind(kind).run_label
+            logger.warning("cancelled; the MLflow %s is marked KILLED", label)
+            exit_after_cancel(EXIT_CANCELLED)

@@ -8,8 +8,6 @@ from typing import Any
 
 import httpx
 
-TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
-
 
 class ApiError(Exception):
     """An error answer of the service: status, detail and the failing fields."""

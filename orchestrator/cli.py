@@ -1,15 +1,17 @@
 """``sparkctl``: validate specs, run pre-training on Ray, fetch results from MLflow.
 
-    sparkctl validate SPEC            report spec errors by field
+    sparkctl validate SPEC            report spec errors by field (any job kind)
     sparkctl pretrain SPEC            run locally (or on RAY_ADDRESS) with a live progress line
     sparkctl sweep SPEC               run an ablation sweep with a live table of trials
     sparkctl export RUN_ID OUT        download a run's timm-style encoder weights
-    sparkctl schema                   print the spec's JSON Schema
+    sparkctl schema [KIND|all]        print a job kind's spec JSON Schema (default pretrain)
     sparkctl ui                       browse the embedded MLflow store (mlflow ui)
+
+Each job kind of orchestrator.kinds is a local verb (``sparkctl <kind> SPEC``).
 
 Remote verbs (the REST service at SPARKORCH_API_URL, token in SPARKORCH_TOKEN):
 
-    sparkctl submit SPEC [--wait]     submit a pretrain or sweep spec
+    sparkctl submit SPEC [--wait]     submit a spec of any kind
     sparkctl jobs                     list your jobs, newest first
     sparkctl status ID [--wait]       one job, with its progress
     sparkctl logs ID [-f]             the job driver's log (follow with -f)
@@ -35,44 +37,38 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from orchestrator.api_client import ApiError
+from orchestrator.kinds import JOB_KINDS, JobKind, detect_kind, get_kind
+from orchestrator.lifecycle import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED
 from orchestrator.settings import OrchestratorSettings, describe_settings_error
-from orchestrator.specs import PretrainSpec, SpecError, load_spec, load_sweep, read_spec_file
+from orchestrator.specs import SpecError, read_spec_file
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
+__all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_FAILED", "build_parser", "main"]
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
     print(json.dumps(document, indent=2, default=str) if args.json else text)
 
 
-def _load(args: argparse.Namespace, settings: OrchestratorSettings) -> PretrainSpec:
-    return load_spec(args.spec, data_roots=settings.allowed_data_roots)
-
-
-def _is_sweep(path: str) -> bool:
-    data = read_spec_file(path)
-    return isinstance(data, dict) and "base" in data
+def _spec_kind(args: argparse.Namespace, document: Any) -> JobKind:
+    """``--kind`` when given, else the kind the document's keys say."""
+    if getattr(args, "kind", None):
+        return get_kind(args.kind)
+    return detect_kind(document, source=str(args.spec))
 
 
 def cmd_validate(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    if _is_sweep(args.spec):
-        sweep = load_sweep(args.spec, data_roots=settings.allowed_data_roots)
-        _emit(
-            args,
-            {"valid": True, "kind": "sweep", "spec": sweep.model_dump(mode="json")},
-            f"{args.spec}: valid sweep ({', '.join(sweep.search) or 'no search'}; "
-            f"{len(sweep.variants)} variant(s); {len(sweep.seeds)} seed(s); "
-            f"metric {sweep.metric} ({sweep.mode}))",
-        )
-        return 0
-    spec = _load(args, settings)
-    derived = spec.derived()
+    document = read_spec_file(args.spec)
+    kind = _spec_kind(args, document)
+    spec = kind.parse(document, data_roots=settings.allowed_data_roots, source=str(args.spec))
     _emit(
         args,
-        {"valid": True, "spec": spec.model_dump(mode="json"), "derived": derived.__dict__},
-        f"{args.spec}: valid ({spec.model.backbone}, {spec.optim.epochs} epochs, "
-        f"{spec.resources.num_workers} worker(s) x batch {derived.per_worker_batch}, "
-        f"peak lr {derived.peak_lr:.3g})",
+        {
+            "valid": True,
+            "kind": kind.name,
+            "spec": spec.model_dump(mode="json"),
+            **kind.details(spec),
+        },
+        f"{args.spec}: valid {kind.describe(spec)}",
     )
     return 0
 
@@ -114,37 +110,26 @@ class _LiveText:
             self.last = ""
 
 
-def _live_view(kind: str, spec: Any, ref: Any) -> Any:
-    """What ``sparkctl`` redraws while a job runs: a progress line, or the trial table."""
-    from orchestrator.progress import format_table, read_progress, read_trials
-
-    if kind == "sweep":
-        return lambda: format_table(read_trials(ref, list(spec.search)))
-    return lambda: read_progress(ref).line()
-
-
 def _run_and_follow(
-    args: argparse.Namespace, settings: OrchestratorSettings, kind: str, spec: Any
+    args: argparse.Namespace, settings: OrchestratorSettings, kind: JobKind, spec: Any
 ) -> Any:
     """Run the job in-process with a live view; exits 130 on Ctrl-C / SIGTERM."""
     from orchestrator.lifecycle import JobCancelled, exit_after_cancel
     from orchestrator.progress import Poller
-    from orchestrator.runner import get_kind, run_job
 
     live = _LiveText()
     pollers: list[Poller] = []
-    label = get_kind(kind).run_label
 
     def follow(job_id: str, ref: Any) -> None:
-        sys.stderr.write(f"{kind} job {job_id}: MLflow {label} {ref.run_id}\n")
+        sys.stderr.write(f"{kind.name} job {job_id}: MLflow {kind.run_label} {ref.run_id}\n")
         if not args.json:
-            pollers.append(Poller(_live_view(kind, spec, ref), live, interval=args.poll).start())
+            pollers.append(Poller(kind.follow(spec, ref), live, interval=args.poll).start())
 
     try:
-        return run_job(kind, spec, job_id=args.job_id, settings=settings, on_run_open=follow)
+        return kind.run(spec, job_id=args.job_id, settings=settings, on_run_open=follow)
     except (JobCancelled, KeyboardInterrupt):
         _stop(pollers, live)
-        print(f"cancelled; the MLflow {label} is marked KILLED", file=sys.stderr)
+        print(f"cancelled; the MLflow {kind.run_label} is marked KILLED", file=sys.stderr)
         exit_after_cancel(EXIT_CANCELLED)
     finally:
         _stop(pollers, live)
@@ -163,43 +148,16 @@ def _failed(args: argparse.Namespace, error: Exception) -> int:
     return EXIT_FAILED
 
 
-def cmd_pretrain(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    spec = _load(args, settings)
+def cmd_run(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    """``sparkctl <kind> SPEC``: run one job of that kind here, following it live."""
+    kind = get_kind(args.command)
+    spec = kind.load(args.spec, data_roots=settings.allowed_data_roots)
     try:
-        result = _run_and_follow(args, settings, "pretrain", spec)
-    except Exception as error:  # reported; the run is already marked FAILED
+        result = _run_and_follow(args, settings, kind, spec)
+    except Exception as error:  # reported; the MLflow run is already marked FAILED
         return _failed(args, error)
     link = run_link(settings, result.experiment_id, result.run_id)
-    metrics = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
-    _emit(
-        args,
-        {**result.to_dict(), "mlflow_link": link},
-        f"{result.status}: job {result.job_id}, {result.epochs} epochs, {result.steps} steps in "
-        f"{result.wall_time_s:.0f} s\n{metrics}\n"
-        f"MLflow run {result.run_id} (experiment {result.experiment_id}, "
-        f"{result.tracking_uri})\n  {link}\n"
-        f"encoder weights: sparkctl export {result.run_id} OUT.safetensors",
-    )
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    from orchestrator.sweeps import to_markdown
-
-    sweep = load_sweep(args.spec, data_roots=settings.allowed_data_roots)
-    try:
-        result = _run_and_follow(args, settings, "sweep", sweep)
-    except Exception as error:  # reported; the parent run is already marked FAILED
-        return _failed(args, error)
-    link = run_link(settings, result.experiment_id, result.run_id)
-    best = result.best or {}
-    _emit(
-        args,
-        {**result.to_dict(), "mlflow_link": link},
-        f"{result.status}: sweep {result.job_id} in {result.wall_time_s:.0f} s\n\n"
-        f"{to_markdown(result.columns, result.records)}\n"
-        f"best: {best}\nMLflow parent run {result.run_id}: {link}",
-    )
+    _emit(args, {**result.to_dict(), "mlflow_link": link}, kind.result_text(result, link))
     return 0
 
 
@@ -216,9 +174,10 @@ def _job_line(job: dict[str, Any]) -> str:
 
 
 def cmd_submit(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    kind = "sweep" if _is_sweep(args.spec) else "pretrain"
+    document = read_spec_file(args.spec)
+    kind = _spec_kind(args, document)
     client = _client(settings)
-    job = client.submit(kind, read_spec_file(args.spec), args.idempotency_key)
+    job = client.submit(kind.name, document, args.idempotency_key)
     if not args.wait:
         _emit(args, job, f"submitted {_job_line(job)}\n  {job['links']['self']}")
         return 0
@@ -228,7 +187,7 @@ def cmd_submit(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
 
 def _wait(args: argparse.Namespace, client: Any, job_id: str) -> int:
     """Follow a job until it ends; the exit code says how it ended."""
-    from orchestrator.api_client import TERMINAL_STATES
+    from orchestrator.control.states import TERMINAL_STATES
     from orchestrator.progress import Progress
 
     live = _LiveText()
@@ -318,8 +277,15 @@ def cmd_export(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
 
 
 def cmd_schema(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    print(json.dumps(PretrainSpec.model_json_schema(), indent=2))
+    if args.kind == ALL_KINDS:
+        schema = {name: kind.json_schema() for name, kind in JOB_KINDS.items()}
+    else:
+        schema = get_kind(args.kind).json_schema()
+    print(json.dumps(schema, indent=2))
     return 0
+
+
+ALL_KINDS = "all"
 
 
 def cmd_ui(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
@@ -350,28 +316,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    validate = sub.add_parser("validate", help="check a spec file")
-    validate.add_argument("spec", help="YAML or JSON PretrainSpec")
+    validate = sub.add_parser("validate", help="check a spec file of any job kind")
+    validate.add_argument("spec", help="YAML or JSON spec (its kind is told by its keys)")
+    _add_kind_option(validate)
     validate.set_defaults(run=cmd_validate)
 
-    pretrain = sub.add_parser("pretrain", help="run a pre-training job")
-    pretrain.add_argument("spec", help="YAML or JSON PretrainSpec")
-    pretrain.add_argument("--job-id", help="resume/name the job (default: a new UUID)")
-    pretrain.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
-    pretrain.set_defaults(run=cmd_pretrain)
-
-    sweep = sub.add_parser("sweep", help="run an ablation sweep (Ray Tune)")
-    sweep.add_argument("spec", help="YAML or JSON SweepSpec")
-    sweep.add_argument("--job-id", help="resume/name the sweep (default: a new UUID)")
-    sweep.add_argument("--poll", type=float, default=5.0, help="seconds between updates")
-    sweep.set_defaults(run=cmd_sweep)
+    local = []
+    for kind in JOB_KINDS.values():
+        verb = sub.add_parser(kind.name, help=f"run {kind.summary} here")
+        verb.add_argument("spec", help=f"YAML or JSON {kind.spec_type.__name__}")
+        verb.add_argument("--job-id", help="resume/name the job (default: a new UUID)")
+        verb.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
+        verb.set_defaults(run=cmd_run)
+        local.append(verb)
 
     export = sub.add_parser("export", help="download a run's encoder weights")
     export.add_argument("run_id")
     export.add_argument("out", help="file to write, or an existing folder")
     export.set_defaults(run=cmd_export)
 
-    schema = sub.add_parser("schema", help="print the spec's JSON Schema")
+    schema = sub.add_parser("schema", help="print a job kind's spec JSON Schema")
+    schema.add_argument(
+        "kind",
+        nargs="?",
+        default=next(iter(JOB_KINDS)),
+        choices=[*JOB_KINDS, ALL_KINDS],
+        help=f"a job kind, or {ALL_KINDS} for {{kind: schema}} (default: %(default)s)",
+    )
     schema.set_defaults(run=cmd_schema, json=True)
 
     ui = sub.add_parser("ui", help="serve the MLflow UI on the embedded store")
@@ -379,21 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(run=cmd_ui)
 
     remote = _add_remote_verbs(sub)
-    for command in (validate, pretrain, sweep, export, *remote):
+    for command in (validate, *local, export, *remote):
         command.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def _add_remote_verbs(sub: Any) -> list[argparse.ArgumentParser]:
     submit = sub.add_parser("submit", help="submit a spec to the REST service")
-    submit.add_argument("spec", help="YAML or JSON PretrainSpec or SweepSpec")
+    submit.add_argument("spec", help="YAML or JSON spec of any job kind")
+    _add_kind_option(submit)
     submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key is safe")
     submit.set_defaults(run=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="list your jobs on the REST service")
     jobs.add_argument("--state", help="QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, ...")
-    jobs.add_argument("--kind", choices=["pretrain", "sweep"])
+    jobs.add_argument("--kind", choices=list(JOB_KINDS))
     jobs.add_argument("--limit", type=int, default=20)
     jobs.set_defaults(run=cmd_jobs)
 
@@ -418,6 +390,12 @@ def _add_remote_verbs(sub: Any) -> list[argparse.ArgumentParser]:
     for command in (submit, status):
         command.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
     return [submit, jobs, status, logs, cancel, results]
+
+
+def _add_kind_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--kind", choices=list(JOB_KINDS), help="the spec's job kind (default: told by its keys)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # head node advertises it (``ray start --resources='{"sparkorch_trial_driver": 1000}'``).
 TRIAL_DRIVER_RESOURCE = "sparkorch_trial_driver"
 TRIAL_DRIVER_SLOTS = 1000
+LOOPBACK = "127.0.0.1"
 
 
 def ensure_token_file(path: Path) -> Path:
@@ -80,26 +81,60 @@ def refresh_ray_auth_config() -> None:
 
 
 def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | None = None) -> str:
-    """Start a Ray cluster owned by this process; returns its dashboard URL.
+    """Start a Ray cluster owned by this process, reachable from this machine only.
 
-    The dashboard hosts the state API that Ray Train's clean-up actor queries.
-    ``address="local"``: a new cluster even when ``ray start`` left one on this machine (a
-    bare ``ray.init()`` would join that one).
+    Returns its dashboard URL. The dashboard hosts the state API that Ray Train's clean-up
+    actor queries. ``address="local"``: a new cluster even when ``ray start`` left one on
+    this machine (a bare ``ray.init()`` would join that one). Every Ray process listens on
+    127.0.0.1 only (see ``loopback_node_ip``), and the metrics agent's Prometheus exporter,
+    which answers without a token, is off.
     """
     import ray
 
     configure_ray_auth(settings)
     port = {} if dashboard_port is None else {"dashboard_port": dashboard_port}
-    context = ray.init(
-        address="local",
-        num_cpus=settings.ray_num_cpus,
-        resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_config=ray.LoggingConfig(log_level="WARNING"),
-        **port,
-    )
+    with loopback_node_ip():
+        context = ray.init(
+            address="local",
+            num_cpus=settings.ray_num_cpus,
+            resources={TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SLOTS},
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            _system_config={"enable_metrics_collection": False},
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            **port,
+        )
     return f"http://{context.dashboard_url}"
+
+
+@contextmanager
+def loopback_node_ip() -> Iterator[None]:
+    """Make the Ray node started in this block use 127.0.0.1 as its address.
+
+    Ray 2.60 replaces a loopback ``_node_ip_address`` by the machine's routable address
+    (``services.resolve_ip_for_localhost``) unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is
+    false: the setting with which Ray runs single-node clusters on macOS and Windows. With a
+    127.0.0.1 node address the GCS, the raylet, the workers and the agents listen on
+    127.0.0.1 instead of every interface. Ray reads the variable once, at import, into
+    ``ray_constants.ENABLE_RAY_CLUSTER``: both are set for the block and restored after, so
+    that this process can still start a multi-node cluster later (``ray start --address``
+    refuses to with the variable false). Ray's processes started in the block inherit it.
+    """
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
 
 
 @contextmanager

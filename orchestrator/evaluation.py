@@ -8,12 +8,11 @@ from typing import Any
 import torch
 
 from orchestrator.datasets import evaluation_loaders
-from orchestrator.specs import PretrainSpec, parse_spec
+from orchestrator.specs import PretrainSpec, ship, unship
+from orchestrator.training import CHECKPOINT_FILE
 from spark_core import SparK, build_spark
 from spark_core.checkpoint import build_spark_from_checkpoint
 from spark_core.evaluate import evaluate_encoder
-
-CHECKPOINT_FILE = "last.pt"
 
 
 def final_model(spec: PretrainSpec, checkpoint: Any | None) -> SparK:
@@ -27,11 +26,9 @@ def final_model(spec: PretrainSpec, checkpoint: Any | None) -> SparK:
     return model
 
 
-def evaluate_final(
-    spec_data: dict[str, Any], data_roots: list[str], cache: str, checkpoint: Any | None
-) -> dict[str, float]:
+def evaluate_final(shipped: dict[str, Any], cache: str, checkpoint: Any | None) -> dict[str, float]:
     """``{"<method>_top1": percent}`` for the spec's evaluation method (empty for none)."""
-    spec = parse_spec(spec_data, data_roots=data_roots)
+    spec: PretrainSpec = unship(shipped)
     if spec.evaluation.method == "none":
         return {}
     device = torch.device("cuda" if spec.derived().use_gpu and torch.cuda.is_available() else "cpu")
@@ -62,4 +59,4 @@ def run_evaluation(
         # custom resource; the evaluation must be scheduled outside it.
         scheduling_strategy="DEFAULT",
     )
-    return ray.get(task.remote(spec.model_dump(mode="json"), data_roots, cache, checkpoint))
+    return ray.get(task.remote(ship(spec, data_roots), cache, checkpoint))

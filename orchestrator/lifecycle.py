@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Exit codes of sparkctl and the job entrypoints: done 0, the job failed, bad input, cancelled.
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
 
 
 class JobCancelled(Exception):  # reads as what happened
@@ -49,7 +51,7 @@ def cancel_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def exit_after_cancel(code: int = 130) -> NoReturn:
+def exit_after_cancel(code: int = EXIT_CANCELLED) -> NoReturn:
     """Leave the process at once after a cancellation (the MLflow run is already KILLED).
 
     Ray's fit thread may still sit inside Ray's C++ core worker, which does not survive a

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import ray_session
-from orchestrator.evaluation import CHECKPOINT_FILE, final_model, run_evaluation
+from orchestrator.evaluation import final_model, run_evaluation
 from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.specs import PretrainSpec
+from orchestrator.specs import PretrainSpec, ship
 from orchestrator.tracking import RunRef, end_run, log_file, log_metrics, open_job_run
-from orchestrator.training import WorkerConfig, train_worker
+from orchestrator.training import CHECKPOINT_FILE, WorkerConfig, train_worker
 from spark_core.checkpoint import export_encoder
 
 logger = logging.getLogger(__name__)
@@ -73,14 +73,13 @@ def _trainer(
     if resources.gpus_per_worker:
         per_worker["GPU"] = resources.gpus_per_worker
     worker = WorkerConfig(
-        spec=spec.model_dump(mode="json"),
+        spec=ship(spec, settings.allowed_data_roots),
         job_id=job_id,
         run={
             "tracking_uri": ref.tracking_uri,
             "experiment_id": ref.experiment_id,
             "run_id": ref.run_id,
         },
-        data_roots=[str(p) for p in settings.allowed_data_roots],
         dataset_cache=str(settings.dataset_cache),
     )
     return TorchTrainer(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,6 +28,9 @@ class Progress:
         return asdict(self)
 
     def line(self) -> str:
+        """One line for a terminal (imports spark_core's duration format: not for the API)."""
+        from spark_core.engine import format_duration
+
         if self.step is None:
             return f"{self.status.lower()}: waiting for the first steps"
         total = f"/{self.total_steps}" if self.total_steps else ""
@@ -40,14 +42,6 @@ class Progress:
             f"ETA {format_duration(self.eta_s)}" if self.eta_s is not None else "",
         ]
         return "  ".join(p for p in parts if p)
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:d}:{minutes:02d}:{secs:02d}"
 
 
 def read_progress(ref: RunRef) -> Progress:
@@ -127,6 +121,16 @@ def read_trials(ref: RunRef, params: list[str]) -> list[dict[str, Any]]:
         )
         rows.append(row)
     return rows
+
+
+def progress_line_view(spec: Any, ref: RunRef) -> Callable[[], str]:
+    """A pre-training job's live view: its progress line."""
+    return lambda: read_progress(ref).line()
+
+
+def trial_table_view(sweep: Any, ref: RunRef) -> Callable[[], str]:
+    """A sweep's live view: one row per trial."""
+    return lambda: format_table(read_trials(ref, list(sweep.search)))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -33,12 +33,26 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from spark_core.backbones import resolve_family
-from spark_core.engine import EngineConfig, peak_lr
-from spark_core.masking import mask_ratio_problem
-from spark_core.model import DENSIFY_NORMS, MAX_DECODER_DEPTH, PATCH_STRIDE
+from orchestrator import backbone_catalog
+
+if TYPE_CHECKING:
+    from spark_core.engine import EngineConfig
 
 MAX_SPEC_BYTES = 256 * 1024
+
+# Facts of spark_core that validation needs, declared here so that validating a spec imports
+# neither torch nor timm (the REST service never does); tests/test_layering.py fails when they
+# differ from spark_core's (PATCH_STRIDE, MAX_HIERARCHY, MAX_DECODER_DEPTH, DENSIFY_NORMS,
+# SparKConfig's defaults, masking.num_visible).
+PATCH_STRIDE = 32
+MAX_HIERARCHY = 4
+MAX_DECODER_DEPTH = 8
+DENSIFY_NORMS = ("auto", "bn", "ln", "identity")
+
+# MLflow tags the service writes itself; a spec's own tags may not use them.
+JOB_ID_TAG = "job_id"
+SERVICE_TAG_PREFIX = "sparkorch."
+RESERVED_TAG_PREFIXES = ("mlflow.", SERVICE_TAG_PREFIX)
 
 
 def _charset(pattern: str, rule: str):
@@ -59,12 +73,27 @@ Name = Annotated[
     _charset(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", NAME_RULE),
     Field(description=NAME_RULE),
 ]
+
+
+def _not_reserved(key: str) -> str:
+    if key == JOB_ID_TAG or key.startswith(RESERVED_TAG_PREFIXES):
+        reserved = ", ".join(f"{prefix}*" for prefix in RESERVED_TAG_PREFIXES)
+        raise PydanticCustomError(
+            "reserved_tag",
+            "tag key {key!r} is reserved for the service's own run tags ({job_id}, {reserved}); "
+            "choose another key",
+            {"key": key, "job_id": JOB_ID_TAG, "reserved": reserved},
+        )
+    return key
+
+
 TagKey = Annotated[
     str,
     _charset(
         r"[A-Za-z0-9][A-Za-z0-9._/-]{0,63}",
         "tag keys: 1-64 letters, digits, '.', '_', '/' or '-', starting with a letter or digit",
     ),
+    AfterValidator(_not_reserved),
 ]
 TagValue = Annotated[
     str,
@@ -140,21 +169,56 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SpecT = TypeVar("SpecT", bound=_Strict)
+
+
 # ------------------------------------------------------------------------------- model
+
+
+def check_backbone(backbone: str) -> str:
+    """``backbone`` when it is a timm name of a family spark_core supports (pretrained tags
+    allowed), else ValueError listing the families (what ``spark_core.resolve_family`` says,
+    answered from the generated :mod:`orchestrator.backbone_catalog`)."""
+    prefixes = tuple(p for group in backbone_catalog.FAMILY_PREFIXES.values() for p in group)
+    if not backbone.startswith(prefixes) or backbone not in backbone_catalog.NAMES:
+        reason = (
+            "is not a timm model name"
+            if backbone.startswith(prefixes)
+            else "is not a supported backbone"
+        )
+        raise ValueError(
+            f"backbone={backbone!r} {reason}. Supported families: "
+            f"{backbone_catalog.FAMILIES_TEXT}. See timm.list_models('resnet*') / "
+            "timm.list_models('convnext*') for exact names."
+        )
+    return backbone
 
 
 class ModelSpec(_Strict):
     """The backbone and input resolution (timm names; see spark_core.BACKBONE_FAMILIES)."""
 
-    backbone: str = Field(default="resnet50", max_length=64, pattern=r"^[a-z0-9_.]+$")
+    backbone: Annotated[
+        str,
+        Field(max_length=64, pattern=r"^[a-z0-9_.]+$"),
+        AfterValidator(check_backbone),
+    ] = "resnet50"
     input_size: int = Field(default=224, ge=32, le=1024, multiple_of=PATCH_STRIDE)
-    drop_path_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
+    drop_path_rate: float | None = Field(
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="stochastic depth; default (null): the reference recipe's value for the "
+        "backbone (ResNet-50 0.05, -101 0.08, -152 0.10, -200 0.15, ConvNeXt-S/B/L "
+        "0.2/0.3/0.4, otherwise 0)",
+    )
 
-    @field_validator("backbone")
-    @classmethod
-    def _known_backbone(cls, value: str) -> str:
-        resolve_family(value)  # ValueError listing the supported families and timm names
-        return value
+    def effective_drop_path_rate(self) -> float:
+        """``drop_path_rate``, or the reference recipe's value for the backbone."""
+        if self.drop_path_rate is not None:
+            return self.drop_path_rate
+        from spark_core.backbones import reference_drop_path  # workers and the CLI only
+
+        return reference_drop_path(self.backbone)
 
 
 class SparkSpec(_Strict):
@@ -162,7 +226,7 @@ class SparkSpec(_Strict):
 
     mask_ratio: float = Field(default=0.6, gt=0.0, lt=1.0)
     sparse: bool = True
-    hierarchy: int = Field(default=4, ge=1, le=4)
+    hierarchy: int = Field(default=4, ge=1, le=MAX_HIERARCHY)
     mask_token: bool = True
     densify_norm: Literal[DENSIFY_NORMS] = "auto"  # type: ignore[valid-type]
     decoder_width: int = Field(default=768, ge=PATCH_STRIDE, le=4096, multiple_of=PATCH_STRIDE)
@@ -331,6 +395,29 @@ class TrackingSpec(_Strict):
     register_model: bool = False
 
 
+def num_visible(grid: tuple[int, int], mask_ratio: float) -> int:
+    """Visible patches per sample: ``round(h * w * (1 - mask_ratio))`` (spark_core's rule)."""
+    h, w = grid
+    return round(h * w * (1.0 - mask_ratio))
+
+
+def mask_ratio_problem(grid: tuple[int, int], mask_ratio: float) -> str:
+    """Why ``mask_ratio`` leaves no patch visible or none masked on a patch grid ('' if
+    neither); the same text as ``spark_core.masking.mask_ratio_problem``."""
+    h, w = grid
+    visible = num_visible(grid, mask_ratio)
+    patches = f"{h * w} patches" if h * w > 1 else "1 patch"
+    count = f"round({h}*{w} * (1 - {mask_ratio})) = {visible} of {patches} stay visible"
+    if visible < 1:
+        return f"{count}, so the encoder sees nothing; lower mask_ratio or raise input_size"
+    if visible >= h * w:
+        return (
+            f"{count}, so nothing is masked and the loss is always 0; raise mask_ratio or "
+            "input_size"
+        )
+    return ""
+
+
 @dataclass(frozen=True)
 class DerivedValues:
     """Values computed from a spec (never stored in it)."""
@@ -403,6 +490,10 @@ class PretrainSpec(_Strict):
                 )
 
     def derived(self) -> DerivedValues:
+        """Peak lr, per-worker batch and device (imports spark_core: not for the REST
+        service)."""
+        from spark_core.engine import peak_lr
+
         return DerivedValues(
             peak_lr=peak_lr(self.optim.base_lr, self.optim.global_batch_size),
             per_worker_batch=self.optim.global_batch_size // self.resources.num_workers,
@@ -414,12 +505,14 @@ class PretrainSpec(_Strict):
         return {
             "backbone": self.model.backbone,
             "input_size": self.model.input_size,
-            "drop_path_rate": self.model.drop_path_rate,
+            "drop_path_rate": self.model.effective_drop_path_rate(),
             **self.spark.model_dump(),
         }
 
     def engine_config(self, *, device: str, checkpoint_dir: str | None = None) -> EngineConfig:
         """The engine settings of one worker."""
+        from spark_core.engine import EngineConfig
+
         optim = self.optim
         return EngineConfig(
             epochs=optim.epochs,
@@ -437,7 +530,7 @@ class PretrainSpec(_Strict):
             compile_optimizer=optim.compile_optimizer,
             seed=self.seed,
             log_every=optim.log_every,
-            num_workers=self.data.loader_workers,
+            loader_workers=self.data.loader_workers,
             device=device,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=self.checkpoint.every_epochs,
@@ -459,20 +552,48 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def parse_spec(
+def parse_document(
+    spec_type: type[SpecT],
     data: Any,
     *,
     data_roots: Sequence[Path | str] | None = None,
     source: str = "spec",
-) -> PretrainSpec:
-    """Validate a mapping as a :class:`PretrainSpec`; :class:`SpecError` names each bad field."""
+) -> SpecT:
+    """Validate a mapping as a ``spec_type``; :class:`SpecError` names each bad field.
+
+    ``data_roots`` are the folders data paths must lie under (default: the settings').
+    """
     context = {"data_roots": list(data_roots)} if data_roots is not None else None
     if not isinstance(data, Mapping):
         raise SpecError([("", f"expected a mapping of fields, got {type(data).__name__}")], source)
     try:
-        return PretrainSpec.model_validate(data, context=context)
+        return spec_type.model_validate(data, context=context)
     except ValidationError as error:
         raise SpecError.from_validation_error(error, source) from None
+
+
+def parse_spec(
+    data: Any, *, data_roots: Sequence[Path | str] | None = None, source: str = "spec"
+) -> PretrainSpec:
+    """Validate a mapping as a :class:`PretrainSpec`."""
+    return parse_document(PretrainSpec, data, data_roots=data_roots, source=source)
+
+
+def ship(spec: _Strict, data_roots: Sequence[Path | str]) -> dict[str, Any]:
+    """A validated spec as plain data for another Ray process (a Train worker, an evaluation
+    task, a Tune trial), which re-validates it with :func:`unship` against the same roots:
+    data paths are checked again where they are read."""
+    return {
+        "type": type(spec).__name__,
+        "spec": spec.model_dump(mode="json"),
+        "data_roots": [str(root) for root in data_roots],
+    }
+
+
+def unship(package: Mapping[str, Any]) -> Any:
+    """The spec :func:`ship` packed, validated again on this node."""
+    spec_type = {t.__name__: t for t in (PretrainSpec, SweepSpec)}[package["type"]]
+    return parse_document(spec_type, package["spec"], data_roots=package["data_roots"])
 
 
 def read_spec_file(path: str | Path) -> Any:
@@ -594,6 +715,21 @@ class SweepSpec(_Strict):
     def mode(self) -> str:
         return METRICS[self.metric][0]
 
+    def trial_count(self) -> int:
+        """Trials Tune runs in all: every grid value x variant x seed, ``num_samples`` times
+        (choice and range distributions are sampled, one value per trial)."""
+        count = self.num_samples * len(self.seeds) * max(len(self.variants), 1)
+        if self.cross_variants or not self.variants:
+            for distribution in self.search.values():
+                count *= len(distribution.grid) if distribution.grid is not None else 1
+        return count
+
+    def concurrent_trials(self) -> int:
+        """Trials that may run at once: ``max_concurrent_trials``, or every trial when it is 0
+        (Tune's "as resources allow")."""
+        total = self.trial_count()
+        return min(self.max_concurrent_trials, total) if self.max_concurrent_trials else total
+
     @model_validator(mode="after")
     def _check_against_base(self, info: ValidationInfo) -> SweepSpec:
         errors = list(self._sweep_errors(info.context))
@@ -690,13 +826,7 @@ def parse_sweep(
     data: Any, *, data_roots: Sequence[Path | str] | None = None, source: str = "sweep spec"
 ) -> SweepSpec:
     """Validate a mapping as a :class:`SweepSpec` (the base and every trial's values)."""
-    context = {"data_roots": list(data_roots)} if data_roots is not None else None
-    if not isinstance(data, Mapping):
-        raise SpecError([("", f"expected a mapping of fields, got {type(data).__name__}")], source)
-    try:
-        return SweepSpec.model_validate(data, context=context)
-    except ValidationError as error:
-        raise SpecError.from_validation_error(error, source) from None
+    return parse_document(SweepSpec, data, data_roots=data_roots, source=source)
 
 
 def load_sweep(path: str | Path, *, data_roots: Sequence[Path | str] | None = None) -> SweepSpec:

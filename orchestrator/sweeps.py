@@ -31,7 +31,7 @@ from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, ray_session
 from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.pretrain import fit_interruptibly, run_pretrain
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.specs import Distribution, SweepSpec, flatten, parse_sweep
+from orchestrator.specs import Distribution, SweepSpec, flatten, ship, unship
 from orchestrator.tracking import (
     RunRef,
     client_for,
@@ -102,8 +102,8 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from ray import tune
 
     settings = OrchestratorSettings(**context["settings"])
-    roots = [str(p) for p in settings.allowed_data_roots]
-    sweep = parse_sweep(context["sweep"], data_roots=roots)
+    sweep: SweepSpec = unship(context["sweep"])
+    roots = context["sweep"]["data_roots"]
     params = {k: v for k, v in config.items() if k not in (VARIANT_KEY, SEED_KEY)}
     variant = config.get(VARIANT_KEY)
     spec = sweep.trial_spec(params, variant, int(config[SEED_KEY]), {"data_roots": roots})
@@ -325,7 +325,7 @@ def _tuner(sweep: SweepSpec, job_id: str, ref: RunRef, settings: OrchestratorSet
     from ray.tune.schedulers import ASHAScheduler
 
     context = {
-        "sweep": sweep.model_dump(mode="json"),
+        "sweep": ship(sweep, settings.allowed_data_roots),
         "job_id": job_id,
         "parent_run_id": ref.run_id,
         "settings": settings.model_dump(mode="json"),

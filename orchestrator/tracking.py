@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec
@@ -34,6 +35,8 @@ GLOBAL_BATCH_TAG = "sparkorch.global_batch_size"
 # Set on a run stopped from outside (a sweep's scheduler) just before it is ended KILLED.
 STOPPED_TAG = "sparkorch.stopped"
 ACTIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
+# Tag names the service (and MLflow) write; with JOB_ID_TAG, never taken from a spec.
+_SERVICE_TAG_PREFIXES = ("mlflow.", "sparkorch.")
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params / 1000 metrics per call
 
 
@@ -148,7 +151,10 @@ def open_run(
             client.delete_tag(run_id, STOPPED_TAG)  # runs again: no longer stopped
         client.update_run(run_id, status="RUNNING")
         return RunRef(settings.tracking_uri, experiment_id, run_id), True
-    run = client.create_run(experiment_id, run_name=run_name, tags={JOB_ID_TAG: job_id, **tags})
+    # The service's own tags last, so that no caller's tag (a spec's) replaces the job id the
+    # resume lookup above searches by, or the run name (MLflow refuses a differing one).
+    own = {JOB_ID_TAG: job_id, MLFLOW_RUN_NAME: run_name}
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **own})
     run_id = run.info.run_id
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), _BATCH_LIMIT):
@@ -168,7 +174,7 @@ def open_job_run(
     extra_tags: Mapping[str, str] | None = None,
 ) -> tuple[RunRef, bool]:
     """The MLflow run of a pre-training job (nested under ``parent_run_id`` in a sweep)."""
-    tags = {**spec.tags, **environment_tags(spec), **(extra_tags or {})}
+    tags = {**_spec_tags(spec), **environment_tags(spec), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return open_run(
@@ -180,6 +186,20 @@ def open_job_run(
         params=spec.flat_params(),
         document=spec.model_dump(mode="json"),
     )
+
+
+def _spec_tags(spec: PretrainSpec) -> dict[str, str]:
+    """The spec's tags less the keys the service writes itself.
+
+    Putting the service's tags last is not enough: some it sets only at times (a parent run
+    id in a sweep, the stop mark, the step counts at training start), and a spec's tag of
+    such a name would stand in for it meanwhile. Validation refuses these keys; this keeps
+    a spec that skipped it from redirecting the run.
+    """
+    reserved = [k for k in spec.tags if k == JOB_ID_TAG or k.startswith(_SERVICE_TAG_PREFIXES)]
+    if reserved:
+        logger.warning("spec %s: dropped reserved tag keys %s", spec.name, sorted(reserved))
+    return {k: v for k, v in spec.tags.items() if k not in reserved}
 
 
 def end_run(ref: RunRef, status: str) -> None:

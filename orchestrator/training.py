@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from orchestrator.datasets import pretrain_dataset, preview_images, steps_per_epoch
-from orchestrator.specs import PretrainSpec, parse_spec
+from orchestrator.specs import PretrainSpec, unship
 from orchestrator.tracking import (
     GLOBAL_BATCH_TAG,
     RESUMED_AT_STEP,
@@ -36,17 +36,18 @@ from spark_core.engine import EngineConfig, PretrainEngine
 
 logger = logging.getLogger(__name__)
 
+# The training state's file name inside every Ray Train checkpoint of a job.
 CHECKPOINT_FILE = "last.pt"
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything a worker needs, as plain data (Ray pickles it to every worker)."""
+    """Everything a worker needs, as plain data (Ray pickles it to every worker); ``spec`` is
+    the job's spec as :func:`orchestrator.specs.ship` packs it."""
 
     spec: dict[str, Any]
     job_id: str
     run: dict[str, str]
-    data_roots: list[str]
     dataset_cache: str
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
     worker = WorkerConfig(**config)
-    spec = parse_spec(worker.spec, data_roots=worker.data_roots)
+    spec: PretrainSpec = unship(worker.spec)
     rank = ray.train.get_context().get_world_rank()
     _threads_per_worker(spec)
     cache = Path(worker.dataset_cache)

@@ -154,7 +154,8 @@ class EngineConfig:
     """How to train (the model's own config lives in :class:`~spark_core.SparKConfig`).
 
     ``batch_size`` is per process; ``global_batch_size`` (default: batch x world size)
-    sets the peak lr through :func:`peak_lr`.
+    sets the peak lr through :func:`peak_lr`. ``loader_workers`` is the DataLoader's worker
+    processes per rank (not the number of ranks).
     """
 
     epochs: int = 1
@@ -173,7 +174,7 @@ class EngineConfig:
     compile_optimizer: bool = False
     seed: int = 0
     log_every: int = 10
-    num_workers: int = 0
+    loader_workers: int = 0
     device: str = "cpu"
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1
@@ -417,7 +418,7 @@ class PretrainEngine:
             dataset,
             batch_size=self.config.batch_size,
             sampler=sampler,
-            num_workers=self.config.num_workers,
+            num_workers=self.config.loader_workers,
             drop_last=True,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),
@@ -621,7 +622,7 @@ class ProgressBar:
         line = (
             f"epoch {m.epoch + 1}/{self.total_epochs}  step {m.step + 1}/{self.total_steps}  "
             f"loss {m.loss:.4f}  lr {m.lr:.2e}  {m.images_per_sec:.1f} img/s  "
-            f"ETA {_fmt_eta(eta)}"
+            f"ETA {format_duration(eta)}"
         )
         end = "\r" if self.interactive and remaining else "\n"
         self.stream.write(line + end)
@@ -631,7 +632,8 @@ class ProgressBar:
         return None
 
 
-def _fmt_eta(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``h:mm:ss`` of a duration, ``?`` when it is not finite (an ETA before any rate)."""
     if not math.isfinite(seconds):
         return "?"
     minutes, secs = divmod(int(seconds), 60)

@@ -15,7 +15,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from spark_core.backbones import SparseEncoder, resolve_family
+from spark_core.backbones import FEATURE_STRIDES, SparseEncoder, resolve_family
 from spark_core.decoder import LightDecoder
 from spark_core.masking import MaskContext, mask_ratio_problem, random_mask, upsample_mask
 from spark_core.sparse import SparseBatchNorm2d
@@ -23,6 +23,8 @@ from spark_core.sparse import SparseBatchNorm2d
 DENSIFY_NORMS: tuple[str, ...] = ("auto", "bn", "ln", "identity")
 PATCH_STRIDE = 32
 MAX_DECODER_DEPTH = 8
+# Feature maps the decoder can take (``hierarchy``): one per encoder stride.
+MAX_HIERARCHY = len(FEATURE_STRIDES)
 
 
 @dataclass(frozen=True)
@@ -144,8 +146,9 @@ def validate_config(config: SparKConfig) -> None:
         raise ValueError(
             f"mask_ratio={config.mask_ratio} with input_size={config.input_size}: {problem}"
         )
-    if config.hierarchy not in (1, 2, 3, 4):
-        raise ValueError(f"hierarchy={config.hierarchy}: allowed values are 1, 2, 3, 4")
+    if not 1 <= config.hierarchy <= MAX_HIERARCHY:
+        allowed = ", ".join(str(level) for level in range(1, MAX_HIERARCHY + 1))
+        raise ValueError(f"hierarchy={config.hierarchy}: allowed values are {allowed}")
     if not 1 <= config.decoder_depth <= MAX_DECODER_DEPTH:
         raise ValueError(
             f"decoder_depth={config.decoder_depth}: must be an integer from 1 to "
@@ -376,17 +379,19 @@ def build_spark(
     backbone: str,
     input_size: int | tuple[int, int],
     *,
-    mask_ratio: float = 0.6,
-    sparse: bool = True,
-    hierarchy: int = 4,
-    mask_token: bool = True,
-    densify_norm: str = "auto",
-    decoder_width: int = 768,
-    decoder_depth: int = 2,
-    norm_pix_loss: bool = True,
-    drop_path_rate: float = 0.0,
+    mask_ratio: float = SparKConfig.mask_ratio,
+    sparse: bool = SparKConfig.sparse,
+    hierarchy: int = SparKConfig.hierarchy,
+    mask_token: bool = SparKConfig.mask_token,
+    densify_norm: str = SparKConfig.densify_norm,
+    decoder_width: int = SparKConfig.decoder_width,
+    decoder_depth: int = SparKConfig.decoder_depth,
+    norm_pix_loss: bool = SparKConfig.norm_pix_loss,
+    drop_path_rate: float = SparKConfig.drop_path_rate,
 ) -> SparK:
     """Build a SparK pre-training model around a timm backbone.
+
+    The defaults are :class:`SparKConfig`'s, which are the reference's.
 
     Args:
         backbone: a timm ``resnet*``/``resnext*``/``wide_resnet*``/``seresnet*``/``convnext*`` name.

@@ -127,8 +127,11 @@ def test_defaults_are_the_reference_recipe() -> None:
     assert (spec.model.backbone, spec.model.input_size, spec.model.drop_path_rate) == (
         "resnet50",
         224,
-        0.0,
+        None,
     )
+    # Omitted drop path = the reference recipe's per-backbone value (ResNet-50: 0.05).
+    assert spec.model.effective_drop_path_rate() == 0.05
+    assert spec.build_kwargs()["drop_path_rate"] == 0.05
     assert spec.spark.model_dump() == {
         "mask_ratio": 0.6,
         "sparse": True,
@@ -241,7 +244,7 @@ def test_engine_config_maps_every_field() -> None:
     assert config.compile_optimizer is True
     assert config.seed == 7
     assert config.log_every == 4
-    assert config.num_workers == 3  # data loader workers, not Ray workers
+    assert config.loader_workers == 3  # data loader workers, not Ray workers
     assert config.device == "cuda:1"
     assert config.checkpoint_dir == "/ckpt/job"
     assert config.checkpoint_every == 3

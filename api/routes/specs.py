@@ -8,7 +8,7 @@ from fastapi import APIRouter
 
 from api.deps import Owner
 from api.routes import AUTH_PROBLEMS, problems
-from orchestrator.runner import JOB_KINDS
+from orchestrator.kinds import JOB_KINDS
 
 router = APIRouter(prefix="/v1/specs", tags=["specs"])
 
@@ -19,4 +19,4 @@ router = APIRouter(prefix="/v1/specs", tags=["specs"])
     summary="JSON Schema of each job kind's spec ({kind: schema})",
 )
 def spec_schemas(owner: Owner) -> dict[str, Any]:
-    return {name: kind.spec_type.model_json_schema() for name, kind in JOB_KINDS.items()}
+    return {name: kind.json_schema() for name, kind in JOB_KINDS.items()}

@@ -1,11 +1,12 @@
 """Ray Job Submission and the reconciler that keeps the job store in step with Ray.
 
 Every job is submitted with a fixed entrypoint, ``<python> -m jobs.<kind> --job-id <uuid>``:
-the id is a UUID the service made, the kind one of two literals, the interpreter a setting;
-no user string reaches Ray. The environment of the job driver comes from the service's own
-settings, never from the request. The Ray submission id is the job id for the first
-submission and ``<job id>-<n>`` for the n-th (``submission_id``): Ray never forgets a
-submission id, and a job whose driver died with its node must be submitted again.
+the id is a UUID the service made, the module its kind's fixed one
+(:mod:`orchestrator.kinds`), the interpreter a setting; no user string reaches Ray. The
+environment of the job driver comes from the service's own settings, never from the
+request. The Ray submission id is the job id for the first submission and
+``<job id>-<n>`` for the n-th (``submission_id``): Ray never forgets a submission id, and a
+job whose driver died with its node must be submitted again.
 
 The reconciler runs every ``reconcile_interval_s``; each pass looks at every active job:
 
@@ -37,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from orchestrator.control.store import ACTIVE_STATES, ON_RAY_STATES, Job, JobStore
-from orchestrator.runner import get_kind
+from orchestrator.kinds import get_kind
 from orchestrator.settings import OrchestratorSettings
 
 logger = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ class RayJobs:
 
     def entrypoint(self, job: Job) -> str:
         python = self.settings.job_python or sys.executable
-        module = get_kind(job.kind).module()
+        module = get_kind(job.kind).entrypoint_module
         return shlex.join([python, "-m", module, "--job-id", job.id])
 
     def driver_env(self) -> dict[str, str]:
@@ -219,9 +220,8 @@ class RayJobs:
 
 
 def allows_resubmission(job: Job) -> bool:
-    """The spec's ``failures.resubmit_on_loss`` (a sweep's: its base spec's)."""
-    spec = job.spec.get("base", job.spec) if job.kind == "sweep" else job.spec
-    return bool(spec.get("failures", {}).get("resubmit_on_loss", True))
+    """The stored spec's ``failures.resubmit_on_loss``, wherever its kind keeps it."""
+    return get_kind(job.kind).resubmit_on_loss(job.spec)
 
 
 class Reconciler:

@@ -1,17 +1,15 @@
-"""What the routes do, without HTTP: create, list, cancel and inspect jobs.
+"""The job service: admission (validation, quotas, queue limit, idempotency), cancel,
+release, and what a job's progress, results and logs are; no HTTP.
 
-Raises the domain errors below; ``api/routes`` turns them into HTTP problems.
+Raises the domain errors below; ``api/routes`` turns them into HTTP problems. Everything
+that differs between job kinds comes from :mod:`orchestrator.kinds`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import tempfile
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from orchestrator.control.scheduler import RayJobs, Reconciler, submission_id, submission_ids
@@ -24,7 +22,7 @@ from orchestrator.control.store import (
     JobStore,
     new_job,
 )
-from orchestrator.runner import get_kind, parse_job_spec
+from orchestrator.kinds import JobSize, get_kind
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import SpecError
 
@@ -76,14 +74,15 @@ class JobService:
         """Validate and store a job (QUEUED); the reconciler submits it.
         Raises SpecError (paths prefixed ``spec.``), QuotaExceeded, QueueFull,
         IdempotencyConflict."""
+        job_kind = get_kind(kind)
         try:
-            spec = parse_job_spec(kind, spec_document, self.settings.allowed_data_roots)
+            spec = job_kind.parse(spec_document, data_roots=self.settings.allowed_data_roots)
         except SpecError as error:
             raise SpecError(
                 [(f"spec.{path}" if path else "spec", msg) for path, msg in error.errors]
             ) from None
-        workers, gpus = get_kind(kind).size(spec)
-        self._check_quota(kind, workers, gpus)
+        size = job_kind.size(spec)
+        self._check_quota(size)
         if self.store.count_active(owner, ["HELD", "QUEUED"]) >= MAX_QUEUED_PER_OWNER:
             raise QueueFull(f"{MAX_QUEUED_PER_OWNER} jobs are already queued for {owner}")
         job = new_job(
@@ -92,8 +91,8 @@ class JobService:
             name=spec.name,
             owner=owner,
             spec=spec.model_dump(mode="json"),
-            num_workers=workers,
-            num_gpus=gpus,
+            num_workers=size.total_workers,
+            num_gpus=size.total_gpus,
             idempotency_key=idempotency_key,
             submitted_document=spec_document,
             hold=hold,
@@ -103,24 +102,37 @@ class JobService:
             self.reconciler.wake()
         return stored, created
 
-    def _check_quota(self, kind: str, workers: int, gpus: float) -> None:
+    def _check_quota(self, size: JobSize) -> None:
+        """Per-job quotas on what the job holds at once (a sweep: all its concurrent trials)."""
         s = self.settings
-        where = "spec.resources" if kind == "pretrain" else "spec.base.resources"
+        at_once = f" ({size.copies} runs at once, {size.copies_field})" if size.copies > 1 else ""
         errors = []
-        if workers > s.quota_workers_per_job:
+        if size.total_workers > s.quota_workers_per_job:
             errors.append(
                 (
-                    f"{where}.num_workers",
-                    f"the job needs {workers} workers at once; the quota is "
+                    f"spec.{size.workers_field}",
+                    f"the job needs {size.total_workers} workers at once{at_once}; the quota is "
                     f"{s.quota_workers_per_job} per job",
                 )
             )
-        if gpus > s.quota_gpus_per_job:
+        if size.total_gpus > s.quota_gpus_per_job:
             errors.append(
                 (
-                    f"{where}.gpus_per_worker",
-                    f"the job needs {gpus:g} GPUs at once; the quota is "
+                    f"spec.{size.gpus_field}",
+                    f"the job needs {size.total_gpus:g} GPUs at once{at_once}; the quota is "
                     f"{s.quota_gpus_per_job:g} per job",
+                )
+            )
+        fits = min(
+            s.quota_workers_per_job // size.workers,
+            int(s.quota_gpus_per_job // size.gpus) if size.gpus else size.copies,
+        )
+        if errors and size.copies_field and 1 <= fits < size.copies:
+            errors.append(
+                (
+                    f"spec.{size.copies_field}",
+                    f"{size.copies} runs at once exceed the per-job quota; set it to at most "
+                    f"{fits} (0 runs every trial at once)",
                 )
             )
         if errors:
@@ -196,7 +208,7 @@ class JobService:
         return self.ray_jobs.tail(submission_id(job))
 
     def progress(self, job: Job) -> dict[str, Any]:
-        from orchestrator.progress import read_progress, read_trials
+        from orchestrator.progress import read_progress
 
         out: dict[str, Any] = {"job_id": job.id, "state": job.state}
         ref = self.run_ref(job)
@@ -205,8 +217,9 @@ class JobService:
         progress = read_progress(ref).to_dict()
         out["mlflow_status"] = progress.pop("status")
         out.update(progress)
-        if job.kind == "sweep":
-            out["trials"] = read_trials(ref, list(job.spec.get("search", {})))
+        extra = get_kind(job.kind).progress_extra
+        if extra is not None:
+            out.update(extra(job.spec, ref))
         return out
 
     def results(self, job: Job) -> dict[str, Any]:
@@ -221,12 +234,9 @@ class JobService:
         out["mlflow_run_id"] = ref.run_id
         out["metrics"] = {k: v for k, v in run.data.metrics.items() if not k.startswith("train/")}
         out["artifacts"] = _artifact_paths(client, ref.run_id)
-        if job.kind == "sweep" and "results/table.csv" in out["artifacts"]:
-            with tempfile.TemporaryDirectory(prefix="sparkorch-results-") as folder:
-                local = client.download_artifacts(ref.run_id, "results/table.csv", folder)
-                reader = csv.DictReader(io.StringIO(Path(local).read_text()))
-                out["rows"] = list(reader)
-                out["columns"] = list(reader.fieldnames or [])
+        extra = get_kind(job.kind).results_extra
+        if extra is not None:
+            out.update(extra(client, ref.run_id, out["artifacts"]))
         return out
 
     def run_ref(self, job: Job) -> Any:

@@ -1,9 +1,11 @@
 """The job store: the source of truth for every job the REST service accepted.
 
 SQLAlchemy 2 Core over SQLite (embedded default, ``$SPARKORCH_HOME/jobs.db``) or PostgreSQL
-(``SPARKORCH_DATABASE_URL``). The schema is versioned: :data:`MIGRATIONS` is an ordered list
-applied once each inside a transaction and recorded in ``schema_migrations``; a database
-newer than this code is refused.
+(``SPARKORCH_DATABASE_URL``). The schema is versioned with Alembic: the revisions are in
+:mod:`orchestrator.control.migrations` and :meth:`JobStore.migrate` upgrades a database to
+this code's head at start-up. A database made before Alembic (``schema_migrations`` at
+version 1) is adopted as revision ``0001`` with its jobs untouched; a database newer than
+this code is refused.
 
 Job states::
 
@@ -22,30 +24,36 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
 logger = logging.getLogger(__name__)
 
-JOB_KINDS = ("pretrain", "sweep")
 ACTIVE_STATES = ("HELD", "QUEUED", "SUBMITTING", "PENDING", "RUNNING")
 ON_RAY_STATES = ("SUBMITTING", "PENDING", "RUNNING")
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
 JOB_STATES = ACTIVE_STATES + TERMINAL_STATES
 
-metadata = sa.MetaData()
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# The hand-written version table the store used before Alembic, and the last version it
+# recorded; such a database has exactly the schema of revision FIRST_REVISION.
+LEGACY_VERSION_TABLE = "schema_migrations"
+LEGACY_VERSION = 1
+FIRST_REVISION = "0001"
+# pg_advisory_xact_lock key (any fixed bigint): serialises migrate() across processes.
+MIGRATION_LOCK_KEY = 0x5350_4B4A_4F42_5301
 
-migrations_table = sa.Table(
-    "schema_migrations",
-    metadata,
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("description", sa.String(200), nullable=False),
-    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
-)
+# The schema at the head revision, for queries; revisions never import it (see 0001).
+metadata = sa.MetaData()
 
 jobs_table = sa.Table(
     "jobs",
@@ -73,16 +81,6 @@ jobs_table = sa.Table(
     sa.Index("ix_jobs_owner_created", "owner", "created_at"),
     sa.Index("ix_jobs_state", "state"),
 )
-
-
-def _create_jobs(conn: Connection) -> None:
-    # Later migrations alter this table step by step; version 1 is the table as first shipped.
-    jobs_table.create(conn)
-
-
-MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
-    (1, "jobs table", _create_jobs),
-]
 
 
 class StoreError(Exception):
@@ -153,9 +151,14 @@ class JobFilter:
     name: str | None = None
 
 
-def request_hash(kind: str, spec: dict[str, Any]) -> str:
+def request_hash(kind: str, spec: dict[str, Any], hold: bool = False) -> str:
     """Stable hash of a submission (what an Idempotency-Key is checked against)."""
-    body = json.dumps({"kind": kind, "spec": spec}, sort_keys=True, separators=(",", ":"))
+    request: dict[str, Any] = {"kind": kind, "spec": spec}
+    # ``hold`` is part of the request, but only hashed when set: a ``hold: false`` request
+    # hashes as it did before ``hold`` existed, so stored jobs' keys keep matching.
+    if hold:
+        request["hold"] = True
+    body = json.dumps(request, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -191,6 +194,16 @@ def create_store_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+def alembic_config() -> Config:
+    """Alembic's configuration for the job store, without an alembic.ini: the revisions in
+    :data:`MIGRATIONS_DIR`; the connection goes in ``attributes["connection"]``."""
+    config = Config()
+    # configparser interpolates ``%``; a path may contain one.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    return config
+
+
 class JobStore:
     """All reads and writes of jobs. Every method is one transaction."""
 
@@ -200,33 +213,70 @@ class JobStore:
 
     # ------------------------------------------------------------------ schema
 
-    def migrate(self) -> int:
-        """Apply the migrations this database lacks; returns the schema version."""
-        with self.engine.begin() as conn:
-            migrations_table.create(conn, checkfirst=True)
-            applied = set(conn.scalars(sa.select(migrations_table.c.version)))
-        known = {version for version, _, _ in MIGRATIONS}
-        if applied - known:
-            raise StoreError(
-                f"the job store {self.safe_url} has schema version {max(applied)}, newer than "
-                f"this code ({max(known)}): upgrade the service"
-            )
-        for version, description, apply in MIGRATIONS:
-            if version in applied:
-                continue
-            with self.engine.begin() as conn:
-                apply(conn)
-                conn.execute(
-                    migrations_table.insert().values(
-                        version=version, description=description, applied_at=utcnow()
-                    )
-                )
-            logger.info("job store: applied migration %d (%s)", version, description)
-        return max(known)
+    def migrate(self) -> str:
+        """``alembic upgrade head``: bring the schema to this code's revision, which it returns.
 
-    def schema_version(self) -> int:
+        Safe to call on every start and from several processes at once: everything runs in
+        one transaction under a lock (a PostgreSQL advisory lock, SQLite's write lock), so a
+        second caller waits and then finds nothing to do. A pre-Alembic database is stamped
+        at :data:`FIRST_REVISION` first (its rows untouched). Raises :class:`StoreError` when
+        the database is newer than this code.
+        """
+        config = alembic_config()
+        script = ScriptDirectory.from_config(config)
         with self.engine.connect() as conn:
-            return conn.scalar(sa.select(sa.func.max(migrations_table.c.version))) or 0
+            pass  # mutant
+            config.attributes["connection"] = conn
+            revision = self._check_revision(conn, script)
+            if revision is None and self._is_legacy(conn, script.get_current_head()):
+                command.stamp(config, FIRST_REVISION)
+                logger.info("job store: adopted the pre-Alembic schema as %s", FIRST_REVISION)
+            command.upgrade(config, "head")
+            conn.commit()
+        head = script.get_current_head()
+        logger.info("job store %s at schema revision %s", self.safe_url, head)
+        return head
+
+    @staticmethod
+    def _lock_for_migration(conn: Connection) -> None:
+        # Taken first, before anything is read, so that the checks below see what a
+        # concurrent migrate() committed.
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+        elif conn.dialect.name == "sqlite":
+            # pysqlite runs DDL outside any transaction by default; an explicit immediate
+            # transaction makes the whole upgrade atomic and takes the write lock now.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    def _check_revision(self, conn: Connection, script: ScriptDirectory) -> str | None:
+        """The database's Alembic revision (None before Alembic); refuses unknown ones."""
+        current = MigrationContext.configure(conn).get_current_heads()
+        known = {revision.revision for revision in script.walk_revisions()}
+        unknown = sorted(set(current) - known)
+        if unknown:
+            raise self._too_new(f"revision {', '.join(unknown)}", script.get_current_head())
+        return current[0] if current else None
+
+    def _is_legacy(self, conn: Connection, head: str | None) -> bool:
+        """Whether the database was made by the pre-Alembic store (and is not too new)."""
+        if not sa.inspect(conn).has_table(LEGACY_VERSION_TABLE):
+            return False
+        version = conn.scalar(sa.text(f"SELECT max(version) FROM {LEGACY_VERSION_TABLE}"))
+        if version is not None and version > LEGACY_VERSION:
+            raise self._too_new(f"version {version} in {LEGACY_VERSION_TABLE}", head)
+        # An empty table: the old store died before creating ``jobs``; start from nothing.
+        return version == LEGACY_VERSION
+
+    def _too_new(self, found: str, head: str | None) -> StoreError:
+        return StoreError(
+            f"the job store {self.safe_url} has schema {found}, newer than this code "
+            f"(revision {head}): upgrade the service"
+        )
+
+    def schema_revision(self) -> str | None:
+        """The database's Alembic revision; None before :meth:`migrate`."""
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
 
     @property
     def safe_url(self) -> str:
@@ -353,8 +403,8 @@ def new_job(
     submitted_document: dict[str, Any] | None = None,
     hold: bool = False,
 ) -> Job:
-    """A QUEUED job. The idempotency hash covers ``submitted_document`` (what the client
-    sent) when given, else the stored spec."""
+    """A QUEUED job (HELD with ``hold``). The idempotency hash covers ``hold`` and
+    ``submitted_document`` (what the client sent) when given, else the stored spec."""
     now = utcnow()
     return Job(
         id=job_id,
@@ -363,7 +413,9 @@ def new_job(
         owner=owner,
         state="HELD" if hold else "QUEUED",
         spec=spec,
-        request_hash=request_hash(kind, spec if submitted_document is None else submitted_document),
+        request_hash=request_hash(
+            kind, spec if submitted_document is None else submitted_document, hold
+        ),
         num_workers=num_workers,
         num_gpus=num_gpus,
         created_at=now,
@@ -374,9 +426,8 @@ def new_job(
 
 __all__ = [
     "ACTIVE_STATES",
-    "JOB_KINDS",
     "JOB_STATES",
-    "MIGRATIONS",
+    "MIGRATIONS_DIR",
     "TERMINAL_STATES",
     "IdempotencyConflict",
     "Job",
@@ -384,6 +435,7 @@ __all__ = [
     "JobPage",
     "JobStore",
     "StoreError",
+    "alembic_config",
     "new_job",
     "request_hash",
 ]

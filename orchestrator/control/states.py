@@ -1,0 +1,11 @@
+"""The states of a job, in one place (the store, the REST enums and ``sparkctl`` use them).
+
+[HELD ->] QUEUED -> SUBMITTING -> PENDING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED
+"""
+
+from __future__ import annotations
+
+ACTIVE_STATES = ("HELD", "QUEUED", "SUBMITTING", "PENDING", "RUNNING")
+ON_RAY_STATES = ("SUBMITTING", "PENDING", "RUNNING")
+TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+JOB_STATES = ACTIVE_STATES + TERMINAL_STATES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -38,6 +39,8 @@ def create_app(settings: OrchestratorSettings | None = None, *, reconcile: bool 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.migrate()
+        # In the background: the service answers at once, and is quick once warm.
+        threading.Thread(target=service.warm_up, name="warm-up", daemon=True).start()
         if reconcile:
             reconciler.start()
         logger.info("job store %s ready; Ray at %s", store.safe_url, settings.ray_dashboard_url)
@@ -56,7 +59,8 @@ def create_app(settings: OrchestratorSettings | None = None, *, reconcile: bool 
     app.state.settings = settings
     app.state.tokens = TokenRegistry.load(settings.tokens_file, settings.api_tokens)
     app.state.rate_limiter = RateLimiter(settings.api_rate_limit_per_s, settings.api_rate_burst)
-    app.state.service = JobService(store, ray_jobs, reconciler, settings)
+    service = JobService(store, ray_jobs, reconciler, settings)
+    app.state.service = service
     install_problem_handlers(app)
     for router in (health.router, jobs.router, specs.router):
         app.include_router(router)

@@ -1,8 +1,9 @@
 """Start time and resident memory of the REST service process (``python -m api``).
 
 Starts the API on a free loopback port with a throw-away ``SPARKORCH_HOME``, measures the
-time until ``/livez`` answers and the process's resident memory then (and after one spec
-validation), and stops it. Run from a checkout: ``.venv/bin/python scripts/api_footprint.py``.
+time until ``/livez`` answers and the process's resident memory then (and after a spec
+validation and a readiness check, which load Ray's and MLflow's clients), and stops it.
+Run from a checkout: ``.venv/bin/python scripts/api_footprint.py``.
 """
 
 from __future__ import annotations

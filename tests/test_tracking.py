@@ -6,17 +6,35 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import tracking
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.tracking import STOPPED_TAG, client_for, end_run, mark_stopped, open_run
+from orchestrator.specs import parse_spec
+from orchestrator.tracking import (
+    JOB_ID_TAG,
+    STOPPED_TAG,
+    client_for,
+    end_run,
+    find_children,
+    mark_stopped,
+    open_job_run,
+    open_run,
+)
+
+SPEC = {
+    "name": "tracking-tiny",
+    "model": {"backbone": "resnet18", "input_size": 64},
+    "data": {"train": {"kind": "synthetic", "count": 32, "size": 64, "classes": 2}},
+    "optim": {"global_batch_size": 16, "epochs": 1, "warmup_epochs": 0},
+}
 
 
-def _open(settings: OrchestratorSettings, job_id: str):
+def _open(settings: OrchestratorSettings, job_id: str, tags: dict[str, str] | None = None):
     ref, reopened = open_run(
         settings,
         job_id=job_id,
         experiment="tracking-test",
         run_name=job_id,
-        tags={},
+        tags=tags or {},
         params={"a": "1"},
         document={"name": job_id},
     )
@@ -80,3 +98,48 @@ def test_end_run_sets_each_status_and_reopening_resumes(settings: OrchestratorSe
     assert _status(ref) == "KILLED"
     with pytest.raises(Exception, match="BOGUS"):
         end_run(again, "BOGUS")
+
+
+def _tags(ref) -> dict[str, str]:
+    return client_for(ref.tracking_uri).get_run(ref.run_id).data.tags
+
+
+def test_caller_tags_cannot_take_the_job_id_or_the_run_name(
+    settings: OrchestratorSettings,
+) -> None:
+    """A run tagged with another job's id would be the one that job's resume reopens."""
+    first, _ = _open(settings, "job-first")
+    end_run(first, "FAILED")
+    second, _ = _open(settings, "job-second", {JOB_ID_TAG: "job-first", "team": "vision"})
+    assert _tags(second)[JOB_ID_TAG] == "job-second" and _tags(second)["team"] == "vision"
+    end_run(second, "FAILED")
+    again, reopened = _open(settings, "job-first")  # the newest run tagged job-first, if any
+    assert reopened and again.run_id == first.run_id
+    again, reopened = _open(settings, "job-second")
+    assert reopened and again.run_id == second.run_id
+    named, _ = _open(settings, "job-named", {"mlflow.runName": "job-first"})
+    assert _tags(named)["mlflow.runName"] == "job-named"
+
+
+def test_a_spec_cannot_set_the_services_run_tags(
+    settings: OrchestratorSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spec's job id, parent run and stop mark are dropped; its other tags kept."""
+    # The versions and host are beside the point, and reading them imports torch and Ray.
+    monkeypatch.setattr(tracking, "environment_tags", lambda spec: {"sparkorch.host": "here"})
+    spec = parse_spec(SPEC, data_roots=[])
+    first, _ = open_job_run(spec, "job-first", settings)
+    # model_copy skips validation (which refuses these keys), as an old stored spec might.
+    forged = {
+        JOB_ID_TAG: "job-first",
+        "mlflow.parentRunId": first.run_id,
+        STOPPED_TAG: "forged",
+        "team": "vision",
+    }
+    second, _ = open_job_run(spec.model_copy(update={"tags": forged}), "job-second", settings)
+    tags = _tags(second)
+    assert tags[JOB_ID_TAG] == "job-second" and tags["team"] == "vision"
+    assert "mlflow.parentRunId" not in tags and STOPPED_TAG not in tags
+    assert find_children(first) == []
+    again, reopened = open_job_run(spec, "job-first", settings)
+    assert reopened and again.run_id == first.run_id

@@ -60,6 +60,13 @@ class JobService:
     reconciler: Reconciler
     settings: OrchestratorSettings
 
+    def warm_up(self) -> None:
+        """Import what the lazy paths need (Ray's job client, MLflow's), so that the first
+        ``/readyz``, progress or results call does not pay seconds of imports."""
+        import ray.job_submission  # noqa: F401
+
+        import orchestrator.progress  # noqa: F401  (MLflow's client)
+
     # ------------------------------------------------------------ writes
 
     def create(

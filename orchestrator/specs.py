@@ -75,8 +75,13 @@ Name = Annotated[
 ]
 
 
+def is_reserved_tag(key: str) -> bool:
+    """A tag key the service writes itself (the job id, MLflow's and its own)."""
+    return key == JOB_ID_TAG or key.startswith(RESERVED_TAG_PREFIXES)
+
+
 def _not_reserved(key: str) -> str:
-    if key == JOB_ID_TAG or key.startswith(RESERVED_TAG_PREFIXES):
+    if is_reserved_tag(key):
         reserved = ", ".join(f"{prefix}*" for prefix in RESERVED_TAG_PREFIXES)
         raise PydanticCustomError(
             "reserved_tag",

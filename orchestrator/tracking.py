@@ -23,11 +23,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
 
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.specs import PretrainSpec
+from orchestrator.specs import JOB_ID_TAG, PretrainSpec, is_reserved_tag
 
 logger = logging.getLogger(__name__)
 
-JOB_ID_TAG = "job_id"
 TOTAL_STEPS_TAG = "sparkorch.total_steps"
 # One point per checkpoint restore (value = the global step it resumed at).
 RESUMED_AT_STEP = "train/resumed_at_step"
@@ -35,8 +34,6 @@ GLOBAL_BATCH_TAG = "sparkorch.global_batch_size"
 # Set on a run stopped from outside (a sweep's scheduler) just before it is ended KILLED.
 STOPPED_TAG = "sparkorch.stopped"
 ACTIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
-# Tag names the service (and MLflow) write; with JOB_ID_TAG, never taken from a spec.
-_SERVICE_TAG_PREFIXES = ("mlflow.", "sparkorch.")
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params / 1000 metrics per call
 
 
@@ -196,7 +193,7 @@ def _spec_tags(spec: PretrainSpec) -> dict[str, str]:
     such a name would stand in for it meanwhile. Validation refuses these keys; this keeps
     a spec that skipped it from redirecting the run.
     """
-    reserved = [k for k in spec.tags if k == JOB_ID_TAG or k.startswith(_SERVICE_TAG_PREFIXES)]
+    reserved = [k for k in spec.tags if is_reserved_tag(k)]
     if reserved:
         logger.warning("spec %s: dropped reserved tag keys %s", spec.name, sorted(reserved))
     return {k: v for k, v in spec.tags.items() if k not in reserved}

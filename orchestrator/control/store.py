@@ -24,6 +24,9 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import sqlite3
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +39,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 
-logger = logging.getLogger(__name__)
+from orchestrator.control.states import ACTIVE_STATES, JOB_STATES, ON_RAY_STATES, TERMINAL_STATES
 
-ACTIVE_STATES = ("HELD", "QUEUED", "SUBMITTING", "PENDING", "RUNNING")
-ON_RAY_STATES = ("SUBMITTING", "PENDING", "RUNNING")
-TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
-JOB_STATES = ACTIVE_STATES + TERMINAL_STATES
+logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # The hand-written version table the store used before Alembic, and the last version it
@@ -51,6 +51,9 @@ LEGACY_VERSION = 1
 FIRST_REVISION = "0001"
 # pg_advisory_xact_lock key (any fixed bigint): serialises migrate() across processes.
 MIGRATION_LOCK_KEY = 0x5350_4B4A_4F42_5301
+# Alembic's ``context`` and ``op`` are process-wide proxies: two threads must not run
+# revisions at once, even on different databases.
+_ALEMBIC_LOCK = threading.Lock()
 
 # The schema at the head revision, for queries; revisions never import it (see 0001).
 metadata = sa.MetaData()
@@ -186,12 +189,31 @@ def create_store_engine(url: str) -> Engine:
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
+            _enable_wal(dbapi_connection)
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+def _enable_wal(dbapi_connection: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """Put the SQLite database in WAL mode (a setting of the file: a no-op once done)."""
+    # Switching a new database to WAL needs an exclusive lock that SQLite does not wait for
+    # (busy_timeout does not apply), so two processes opening it at once (API and migrate)
+    # can get "database is locked": retry as long as busy_timeout would have waited.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        finally:
+            cursor.close()
+        time.sleep(0.05)
 
 
 def alembic_config() -> Config:
@@ -224,16 +246,16 @@ class JobStore:
         """
         config = alembic_config()
         script = ScriptDirectory.from_config(config)
-        with self.engine.connect() as conn:
-            pass  # mutant
+        head = script.get_current_head()
+        with _ALEMBIC_LOCK, self.engine.connect() as conn:
+            self._lock_for_migration(conn)
             config.attributes["connection"] = conn
-            revision = self._check_revision(conn, script)
-            if revision is None and self._is_legacy(conn, script.get_current_head()):
+            revision = self._check_revision(conn, script, head)
+            if revision is None and self._is_legacy(conn, head):
                 command.stamp(config, FIRST_REVISION)
                 logger.info("job store: adopted the pre-Alembic schema as %s", FIRST_REVISION)
             command.upgrade(config, "head")
             conn.commit()
-        head = script.get_current_head()
         logger.info("job store %s at schema revision %s", self.safe_url, head)
         return head
 
@@ -248,13 +270,15 @@ class JobStore:
             # transaction makes the whole upgrade atomic and takes the write lock now.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-    def _check_revision(self, conn: Connection, script: ScriptDirectory) -> str | None:
+    def _check_revision(
+        self, conn: Connection, script: ScriptDirectory, head: str | None
+    ) -> str | None:
         """The database's Alembic revision (None before Alembic); refuses unknown ones."""
         current = MigrationContext.configure(conn).get_current_heads()
         known = {revision.revision for revision in script.walk_revisions()}
         unknown = sorted(set(current) - known)
         if unknown:
-            raise self._too_new(f"revision {', '.join(unknown)}", script.get_current_head())
+            raise self._too_new(f"revision {', '.join(unknown)}", head)
         return current[0] if current else None
 
     def _is_legacy(self, conn: Connection, head: str | None) -> bool:
@@ -428,6 +452,7 @@ __all__ = [
     "ACTIVE_STATES",
     "JOB_STATES",
     "MIGRATIONS_DIR",
+    "ON_RAY_STATES",
     "TERMINAL_STATES",
     "IdempotencyConflict",
     "Job",

@@ -42,9 +42,9 @@ def _url() -> str:
     return url
 
 
-def run_on(connection: Connection) -> None:
+def run_on(connection: Connection, **kwargs: Any) -> None:
     """Run the revisions on ``connection``, inside whatever transaction it is in."""
-    _configure(connection=connection)
+    _configure(connection=connection, **kwargs)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -68,7 +68,8 @@ def main() -> None:
     """Alembic executes this module for every command."""
     connection = context.config.attributes.get("connection")
     if connection is not None:
-        run_on(connection)
+        # migrate() opened a real transaction, also on SQLite (BEGIN IMMEDIATE).
+        run_on(connection, transactional_ddl=True)
     else:
         run_from_command_line()
 

@@ -14,8 +14,9 @@ Exit codes: 0 finished, 1 failed, 2 bad spec or arguments, 130 cancelled.
 A cancelled job leaves no driver behind, whatever the timing (see
 :mod:`orchestrator.driver_guard`): a Ray Jobs driver dies with its parent (Ray's shell), and
 a driver of a stored job stops by itself once the store says the job is cancelled or over,
-before opening its MLflow run or while it runs. Either way its run, if one was opened, ends
-KILLED and it exits 130.
+before opening its MLflow run or while it runs (under Ray Jobs after leaving Ray a few
+seconds to stop it, so that Ray records STOPPED). Either way its run, if one was opened,
+ends KILLED and it exits 130.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ import json
 import logging
 import signal
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from orchestrator.driver_guard import (
     StoreGuard,
+    await_stop,
     cancel_reason,
     die_with_parent,
     end_runs_killed,
     started_by_ray_jobs,
+    stop_grace_s,
 )
 from orchestrator.kinds import get_kind
 from orchestrator.lifecycle import (
@@ -130,14 +134,17 @@ def _load(driver: Driver, args: argparse.Namespace) -> Any:
     return spec
 
 
+def _guard(driver: Driver) -> AbstractContextManager[Any]:
+    """Watch the job store while the job runs (nothing to watch with a spec file)."""
+    if driver.store is None or driver.job_id is None:
+        return nullcontext()
+    return StoreGuard(driver.store, driver.job_id, grace_s=stop_grace_s())
+
+
 def _run(driver: Driver, spec: Any) -> int:
-    if driver.store is None:
-        guard: Any = _NoGuard()
-    else:
-        guard = StoreGuard(driver.store, driver.job_id)
     kind = driver.kind
     try:
-        with guard:
+        with _guard(driver):
             result = get_kind(kind).run(
                 spec,
                 job_id=driver.job_id,
@@ -145,7 +152,7 @@ def _run(driver: Driver, spec: Any) -> int:
                 on_run_open=driver.on_run_open,
             )
     except (JobCancelled, KeyboardInterrupt):
-        raise
+        raise  # JobCancelled is an Exception too: not a failure, main() handles it
     except Exception:
         driver.logger.exception(
             "job failed; the MLflow %s is marked FAILED", get_kind(kind).run_label
@@ -155,17 +162,18 @@ def _run(driver: Driver, spec: Any) -> int:
     return 0
 
 
-class _NoGuard:
-    """A spec file without the store: nothing to watch."""
-
-    def __enter__(self) -> _NoGuard:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _leave_cancelled(driver: Driver) -> NoReturn:
+    """The one way out of a cancellation: no RUNNING run left, exit 130."""
+    # More SIGTERMs may follow (each defence sends one): none may cut the clean-up.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    driver.end_run_killed()
+    label = get_kind(driver.kind).run_label
+    driver.logger.warning("cancelled; the MLflow %s is marked KILLED", label)
+    exit_after_cancel(EXIT_CANCELLED)
 
 
 def main(kind: str, argv: list[str] | None = None) -> int:
+    """Run one job of ``kind`` to the end; returns the exit code (see the module docstring)."""
     # First of all: a Ray Jobs driver must not outlive Ray's shell, even when Ray stopped
     # the job while it was starting this process.
     orphaned = started_by_ray_jobs() and not die_with_parent(signal.SIGTERM)
@@ -187,13 +195,9 @@ def main(kind: str, argv: list[str] | None = None) -> int:
             except (SpecError, ValueError, OSError) as error:
                 logger.error("%s", error)
                 return EXIT_BAD_INPUT
-            if spec is None:
+            if spec is None:  # cancelled already: leave Ray the time to stop it, then go
+                await_stop(stop_grace_s())
                 return EXIT_CANCELLED
             return _run(driver, spec)
         except (JobCancelled, KeyboardInterrupt):
-            # More SIGTERMs may follow (each defence sends one): none may cut the clean-up.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            driver.end_run_killed()
-            label = get_kind(kind).run_label
-            logger.warning("cancelled; the MLflow %s is marked KILLED", label)
-            exit_after_cancel(EXIT_CANCELLED)
+            _leave_cancelled(driver)

@@ -11,6 +11,9 @@ Two independent defences, both ending in the driver's ordinary cancellation (SIG
   (``PR_SET_PDEATHSIG``), and a parent already gone is reported at once.
 * :class:`StoreGuard`: the job store is the source of truth; a daemon thread reads the job
   every couple of seconds and cancels the driver once the job is cancelled or has ended.
+  Under Ray Jobs it first leaves Ray :data:`RAY_STOP_GRACE_S` to stop the job itself (the
+  reconciler does within a pass), so that the submission ends STOPPED, not FAILED with
+  exit code 130; an orphan nobody stops ends itself after that grace.
 
 :func:`end_runs_killed` is the last step of every cancellation: a cancel can land between
 the MLflow run's creation and the code that would end it, or a second SIGTERM (Ray's, the
@@ -27,14 +30,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from orchestrator.control.states import TERMINAL_STATES
 
 if TYPE_CHECKING:
-    from orchestrator.control.store import Job
+    from orchestrator.control.store import Job, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,9 @@ logger = logging.getLogger(__name__)
 RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_INTERVAL_S = 2.0
+# How long a Ray Jobs driver that finds its job cancelled leaves Ray to stop it: the
+# reconciler stops a cancelled job's submission within one pass (2 s by default).
+RAY_STOP_GRACE_S = 10.0
 CLEANUP_TIMEOUT_S = 30.0
 
 
@@ -85,6 +92,18 @@ def cancel_reason(job: Job | None) -> str | None:
     return None
 
 
+def stop_grace_s(environ: Mapping[str, str] = os.environ) -> float:
+    """How long to leave Ray to stop a cancelled job before the driver ends itself."""
+    return RAY_STOP_GRACE_S if started_by_ray_jobs(environ) else 0.0
+
+
+def await_stop(grace_s: float) -> None:
+    """Leave whoever stops this job (Ray) ``grace_s`` to do it; its SIGTERM cuts the wait
+    short (the handler raises in the main thread)."""
+    if grace_s > 0:
+        time.sleep(grace_s)
+
+
 def cancel_this_process() -> None:
     """SIGTERM to this process: the main thread's handler raises JobCancelled."""
     os.kill(os.getpid(), signal.SIGTERM)
@@ -94,20 +113,23 @@ class StoreGuard:
     """Cancels this driver (once) when the job store says its job is cancelled or over.
 
     A context manager: polling starts on entry and stops on exit. Store errors are logged
-    and retried: an unreachable store never cancels a job.
+    and retried: an unreachable store never cancels a job. ``grace_s``: how long to leave
+    Ray to stop the job first (:func:`stop_grace_s`).
     """
 
     def __init__(
         self,
-        store: Any,
+        store: JobStore,
         job_id: str,
         *,
         interval_s: float = POLL_INTERVAL_S,
+        grace_s: float = 0.0,
         cancel: Callable[[], None] = cancel_this_process,
     ) -> None:
         self.store = store
         self.job_id = job_id
         self.interval_s = interval_s
+        self.grace_s = grace_s
         self._cancel = cancel
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,6 +165,9 @@ class StoreGuard:
             reason = self.check()
             if reason is None or self._stop.is_set():
                 continue
+            logger.warning("%s: this driver ends in %.0f s unless stopped", reason, self.grace_s)
+            if self._stop.wait(self.grace_s):
+                return
             logger.warning("%s: cancelling this driver", reason)
             self.fired.set()
             self._cancel()
@@ -192,8 +217,10 @@ def end_runs_killed(
 __all__ = [
     "RAY_JOB_ENV_VAR",
     "StoreGuard",
+    "await_stop",
     "cancel_reason",
     "die_with_parent",
     "end_runs_killed",
     "started_by_ray_jobs",
+    "stop_grace_s",
 ]

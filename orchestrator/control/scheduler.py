@@ -43,6 +43,8 @@ from orchestrator.settings import OrchestratorSettings
 
 logger = logging.getLogger(__name__)
 
+JOB_STOP_WAIT_S = 30
+
 RAY_TO_STORE = {
     "PENDING": "PENDING",
     "RUNNING": "RUNNING",
@@ -144,6 +146,9 @@ class RayJobs:
             "SPARKORCH_DATA_ROOTS": ":".join(str(p) for p in s.allowed_data_roots),
             "SPARKORCH_MLFLOW_EXPERIMENT": s.mlflow_experiment,
             "RAY_AUTH_MODE": "token",
+            # Ray's supervisor waits this long after SIGTERM before SIGKILL (default 3 s):
+            # long enough for a cancelled driver to end its MLflow run KILLED on a busy node.
+            "RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S),
         }
         if s.ray_storage:
             env["SPARKORCH_RAY_STORAGE"] = s.ray_storage
@@ -361,6 +366,9 @@ class Reconciler:
         if on_ray and job.cancel_requested:
             self.ray_jobs.stop(ray_id)  # a cancel that raced a (re)submission
         state = RAY_TO_STORE.get(found.status, job.state)
+        if job.cancel_requested and state == "FAILED":
+            # The driver ended itself on the cancel (it watches the store) before Ray's stop.
+            state = "CANCELLED"
         if state == job.state:
             return
         values: dict[str, Any] = {"state": state}

@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         verb = sub.add_parser(kind.name, help=f"run {kind.summary} here")
         verb.add_argument("spec", help=f"YAML or JSON {kind.spec_type.__name__}")
         verb.add_argument("--job-id", help="resume/name the job (default: a new UUID)")
-        verb.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
+        verb.add_argument("--poll", type=float, default=kind.poll_s, help="seconds between updates")
         verb.set_defaults(run=cmd_run)
         local.append(verb)
 

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import signal
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 TRIAL_DRIVER_RESOURCE = "sparkorch_trial_driver"
 TRIAL_DRIVER_SLOTS = 1000
 LOOPBACK = "127.0.0.1"
+# Where Ray looks for "the" cluster of a temp dir (ray._common.utils.get_ray_address_file).
+RAY_ADDRESS_FILE = "ray_current_cluster"
 
 
 def ensure_token_file(path: Path) -> Path:
@@ -87,12 +90,14 @@ def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | Non
     actor queries. ``address="local"``: a new cluster even when ``ray start`` left one on
     this machine (a bare ``ray.init()`` would join that one). Every Ray process listens on
     127.0.0.1 only (see ``loopback_node_ip``), and the metrics agent's Prometheus exporter,
-    which answers without a token, is off.
+    which answers without a token, is off. Its session (logs, sockets) is in a new
+    ``/tmp/sparkorch-ray-*`` folder (mode 0700) instead of the shared ``/tmp/ray``.
     """
     import ray
 
     configure_ray_auth(settings)
     port = {} if dashboard_port is None else {"dashboard_port": dashboard_port}
+    temp_dir = tempfile.mkdtemp(prefix="sparkorch-ray-")
     with loopback_node_ip():
         context = ray.init(
             address="local",
@@ -102,9 +107,14 @@ def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | Non
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
             _system_config={"enable_metrics_collection": False},
+            _temp_dir=temp_dir,
             logging_config=ray.LoggingConfig(log_level="WARNING"),
             **port,
         )
+    # Ray Jobs start each driver on the cluster named in <temp dir>/ray_current_cluster,
+    # which only `ray start` writes; without it, on *any* Ray cluster running on this machine
+    # (another user's, on a shared one). Hence a temp dir of its own that names this one.
+    Path(temp_dir, RAY_ADDRESS_FILE).write_text(context.address_info["gcs_address"])
     return f"http://{context.dashboard_url}"
 
 

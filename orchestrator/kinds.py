@@ -86,6 +86,7 @@ class JobKind:
         copies_field: the spec field that sets ``copies``, for quota errors.
         describe: ``sparkctl validate``'s words about a valid spec (after "valid ").
         details: more fields of ``sparkctl validate --json`` (derived values).
+        poll_s: seconds between redraws of the live view (MLflow reads per redraw).
         result_text: ``sparkctl <name>``'s report of a finished job (result, MLflow link).
         live_view: ``"module:function"`` giving ``function(spec, ref)`` -> a callable that
             returns the text ``sparkctl`` redraws while the job runs.
@@ -103,6 +104,7 @@ class JobKind:
     result_text: Callable[[Any, str], str]
     live_view: str
     details: Callable[[Any], dict[str, Any]] = _no_details
+    poll_s: float = 2.0
     section: tuple[str, ...] = ()
     copies: Callable[[Any], int] = _one
     copies_field: str | None = None
@@ -191,7 +193,9 @@ def _describe_pretrain(spec: PretrainSpec) -> str:
 
 
 def _pretrain_details(spec: PretrainSpec) -> dict[str, Any]:
-    return {"derived": spec.derived().__dict__}
+    # What omitted fields stand for, beside the values derived from the spec.
+    effective = {"model.drop_path_rate": spec.model.effective_drop_path_rate()}
+    return {"derived": spec.derived().__dict__, "effective": effective}
 
 
 def _pretrain_result_text(result: Any, link: str) -> str:
@@ -277,6 +281,7 @@ JOB_KINDS: Mapping[str, JobKind] = MappingProxyType(
                 describe=_describe_sweep,
                 result_text=_sweep_result_text,
                 live_view="orchestrator.progress:trial_table_view",
+                poll_s=5.0,
                 section=("base",),
                 copies=_sweep_copies,
                 copies_field="max_concurrent_trials",
@@ -287,6 +292,11 @@ JOB_KINDS: Mapping[str, JobKind] = MappingProxyType(
     }
 )
 KIND_NAMES: tuple[str, ...] = tuple(JOB_KINDS)
+
+
+def spec_types() -> dict[str, type[BaseModel]]:
+    """Every kind's spec class by class name (what :func:`orchestrator.specs.unship` reads)."""
+    return {kind.spec_type.__name__: kind.spec_type for kind in JOB_KINDS.values()}
 
 
 def get_kind(name: str) -> JobKind:
@@ -328,4 +338,5 @@ __all__ = [
     "JobSize",
     "detect_kind",
     "get_kind",
+    "spec_types",
 ]

@@ -3,10 +3,12 @@ rehearsal and their tests find and stop.
 
 A *marker* is an environment variable (``NAME=VALUE``, the value unique to one owner) that
 the owner sets in its own environment before it starts anything: every process started
-below it inherits the variable, including the ones that leave its process tree (Ray's
-agents and workers are re-parented when their parent dies). ``marked`` finds them again,
-and the watchdog (``python -m orchestrator.processes watch``) stops them when the owner dies,
-whatever killed it.
+below it inherits the variable, including the ones that leave its process tree (a process
+whose parent dies is re-parented). ``marked`` finds them again. The watchdog (``python -m
+orchestrator.processes watch``, see ``start_watchdog``) stops them when the owner dies,
+whatever killed it, together with every process it saw below the owner: a process that
+retitles itself (Ray's agents and workers, ``ray::IDLE``) may wipe its environment block,
+marker included, and is found that way instead.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 # <linux/prctl.h>: deliver a signal to this process when its parent (thread) exits.
 PR_SET_PDEATHSIG = 1
-WATCH_POLL_S = 1.0
+WATCH_POLL_S = 0.5
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -97,18 +99,41 @@ def kill_tree(pid: int) -> None:
     kill([pid, *descendants(pid)])
 
 
+def _environ_has(pid: int, entry: bytes) -> bool:
+    """Whether ``entry`` (``NAME=VALUE``) is in the environment ``pid`` was started with.
+
+    Read from /proc rather than with psutil's ``environ()``: setproctitle (Ray's agents and
+    workers) zeroes the environment block from its start to make room for the new title (all
+    of a short block), and psutil's parser stops at the first empty entry, so it would miss
+    the entries that survive after it.
+    """
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return entry in handle.read().split(b"\0")
+    except OSError:
+        return False  # gone, or another user's: not ours either way
+
+
 def marked(name: str, value: str, exclude: Iterable[int] = ()) -> list[psutil.Process]:
-    """Live processes whose environment holds ``name=value`` (other users' are unreadable)."""
+    """Live processes started with ``name=value`` in their environment (this user's only)."""
     skip = {os.getpid(), *exclude}
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid in skip:
-            continue
-        try:
-            if proc.environ().get(name) == value and _running(proc):
-                found.append(proc)
-        except psutil.Error:
-            continue  # gone, a zombie, or another user's: not ours either way
+    entry = f"{name}={value}".encode()
+    return [
+        proc
+        for proc in psutil.process_iter()
+        if proc.pid not in skip and _environ_has(proc.pid, entry) and _running(proc)
+    ]
+
+
+def _with_descendants(procs: Iterable[psutil.Process]) -> dict[int, psutil.Process]:
+    """``procs`` that still run and every live process below them, by pid."""
+    found = {}
+    for proc in procs:
+        if not _running(proc):
+            continue  # psutil compares start times: a reused pid is not ``proc``
+        found[proc.pid] = proc
+        with suppress(psutil.Error):
+            found.update((child.pid, child) for child in proc.children(recursive=True))
     return found
 
 
@@ -124,28 +149,43 @@ def stop(procs: list[psutil.Process], grace: float) -> None:
     psutil.wait_procs(survivors, timeout=grace)
 
 
-def reap_marked(
-    name: str, value: str, grace: float = 5.0, timeout: float = 30.0, exclude: Iterable[int] = ()
+def reap(
+    name: str,
+    value: str,
+    known: Iterable[psutil.Process] = (),
+    grace: float = 5.0,
+    timeout: float = 30.0,
+    exclude: Iterable[int] = (),
 ) -> int:
-    """Stop every process marked ``name=value``; returns how many were found.
+    """Stop every process marked ``name=value``, and ``known`` with their descendants.
 
-    Sweeps until a sweep finds none: a process may start another while it is stopped (a
-    raylet starting a worker), and the second sweep catches it.
+    Returns how many were stopped. Sweeps until a sweep finds none: a process may start
+    another while it is stopped (a raylet starting a worker), and the next sweep catches it.
     """
+    skip = {os.getpid(), *exclude}
     deadline = time.monotonic() + timeout
+    known = list(known)
     count = 0
-    while procs := marked(name, value, exclude):
-        for proc in procs:
-            logger.info("stopping %s (pid %d)", _command_line(proc)[:120], proc.pid)
+    while targets := _targets(name, value, known, skip):
+        for proc in targets:
+            logger.info("stopping %s", describe(proc))
         # Later sweeps only find latecomers, started while the first ones were stopping.
-        stop(procs, grace if count == 0 else min(grace, 0.5))
-        count += len(procs)
+        stop(targets, grace if count == 0 else min(grace, 0.5))
+        count += len(targets)
         if time.monotonic() > deadline:
-            left = [proc.pid for proc in marked(name, value, exclude)]
+            left = [proc.pid for proc in _targets(name, value, known, skip)]
             if left:
-                logger.error("%d marked processes survived: %s", len(left), left)
+                logger.error("%d processes survived: %s", len(left), left)
             break
     return count
+
+
+def _targets(
+    name: str, value: str, known: list[psutil.Process], skip: set[int]
+) -> list[psutil.Process]:
+    found = _with_descendants(known)
+    found.update((proc.pid, proc) for proc in marked(name, value, skip))
+    return [proc for pid, proc in found.items() if pid not in skip]
 
 
 def listening(pids: Iterable[int]) -> set[tuple[str, int, int]]:
@@ -183,7 +223,8 @@ def port_holders(port: int) -> list[psutil.Process]:
 
 def describe(proc: psutil.Process) -> str:
     """``pid 123: <command line>``, for messages."""
-    return f"pid {proc.pid}: {_command_line(proc)[:160] or '?'}"
+    line = " ".join(_command_line(proc).split())  # one line, even for ``python -c "..."``
+    return f"pid {proc.pid}: {line[:160] or '?'}"
 
 
 def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
@@ -225,21 +266,30 @@ def start_watchdog(name: str, value: str) -> subprocess.Popen:
     )
 
 
-def _wait_for_parent(parent: psutil.Process) -> None:
-    """Until stdin reaches end of file or ``parent`` no longer runs."""
+def _wait_for_parent(parent: psutil.Process) -> list[psutil.Process]:
+    """Until stdin reaches end of file or ``parent`` no longer runs.
+
+    Returns every process seen below ``parent`` meanwhile (looked at each poll): the ones
+    that lose the marker from their environment are still found this way.
+    """
+    seen: dict[int, psutil.Process] = {}
     while _running(parent):
+        # Forget the ones that ended (a long-lived owner starts many short-lived workers).
+        seen = {pid: proc for pid, proc in seen.items() if _running(proc)}
+        seen.update(_with_descendants([parent]))
         readable, _, _ = select.select([sys.stdin.buffer], [], [], WATCH_POLL_S)
         if readable and not os.read(sys.stdin.fileno(), 4096):
-            return
+            break
+    seen.pop(parent.pid, None)
+    return list(seen.values())
 
 
 def watch(parent_pid: int, name: str, value: str, grace: float) -> int:
-    """The watchdog: wait for ``parent_pid`` to die or hang up, then reap its marked processes."""
+    """The watchdog: wait for ``parent_pid`` to die or hang up, then reap what it started."""
     parent = _process(parent_pid)
-    if parent is not None:
-        _wait_for_parent(parent)
+    known = _wait_for_parent(parent) if parent is not None else []
     died = parent is None or not _running(parent)
-    count = reap_marked(name, value, grace=grace, exclude=[parent_pid])
+    count = reap(name, value, known, grace=grace, exclude=[parent_pid])
     if died and count:
         logger.warning(
             "process %d died; stopped the %d processes it had started", parent_pid, count
@@ -248,12 +298,13 @@ def watch(parent_pid: int, name: str, value: str, grace: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m orchestrator.processes watch ...``: the watchdog ``start_watchdog`` starts."""
     parser = argparse.ArgumentParser(prog="python -m orchestrator.processes")
     commands = parser.add_subparsers(dest="command", required=True)
     watcher = commands.add_parser("watch", help="reap a process's marked processes when it dies")
     watcher.add_argument("--parent", type=int, required=True)
     watcher.add_argument("--marker", required=True, help="NAME=VALUE")
-    watcher.add_argument("--grace", type=float, default=5.0, help="seconds from SIGTERM to KILL")
+    watcher.add_argument("--grace", type=float, default=3.0, help="seconds from SIGTERM to SIGKILL")
     args = parser.parse_args(argv)
     name, sep, value = args.marker.partition("=")
     if not (name and sep and value):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,9 +30,7 @@ class Progress:
         return asdict(self)
 
     def line(self) -> str:
-        """One line for a terminal (imports spark_core's duration format: not for the API)."""
-        from spark_core.engine import format_duration
-
+        """One line for a terminal."""
         if self.step is None:
             return f"{self.status.lower()}: waiting for the first steps"
         total = f"/{self.total_steps}" if self.total_steps else ""
@@ -39,9 +39,14 @@ class Progress:
             f"step {self.step}{total}",
             f"loss {self.loss:.4f}" if self.loss is not None else "",
             f"{self.images_per_sec:.1f} img/s" if self.images_per_sec else "",
-            f"ETA {format_duration(self.eta_s)}" if self.eta_s is not None else "",
+            f"ETA {_eta_text(self.eta_s)}" if self.eta_s is not None else "",
         ]
         return "  ".join(p for p in parts if p)
+
+
+def _eta_text(seconds: float) -> str:
+    # The standard library's h:mm:ss, as the engine's own progress line; '?' before any rate.
+    return str(datetime.timedelta(seconds=round(seconds))) if math.isfinite(seconds) else "?"
 
 
 def read_progress(ref: RunRef) -> Progress:

@@ -542,8 +542,11 @@ class PretrainSpec(_Strict):
         )
 
     def flat_params(self) -> dict[str, str]:
-        """The spec as flat ``section.field`` -> text pairs (MLflow params), tags excluded."""
-        return flatten(self.model_dump(mode="json", exclude={"tags"}))
+        """The spec as flat ``section.field`` -> text pairs (MLflow params), tags excluded;
+        an omitted drop path as the value it stands for."""
+        flat = flatten(self.model_dump(mode="json", exclude={"tags"}))
+        flat["model.drop_path_rate"] = str(self.model.effective_drop_path_rate())
+        return flat
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -596,8 +599,10 @@ def ship(spec: _Strict, data_roots: Sequence[Path | str]) -> dict[str, Any]:
 
 
 def unship(package: Mapping[str, Any]) -> Any:
-    """The spec :func:`ship` packed, validated again on this node."""
-    spec_type = {t.__name__: t for t in (PretrainSpec, SweepSpec)}[package["type"]]
+    """The spec :func:`ship` packed, validated again on this node (any job kind's spec)."""
+    from orchestrator.kinds import spec_types  # the registry imports this module
+
+    spec_type = spec_types()[package["type"]]
     return parse_document(spec_type, package["spec"], data_roots=package["data_roots"])
 
 

@@ -102,8 +102,8 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     from ray import tune
 
     settings = OrchestratorSettings(**context["settings"])
-    sweep: SweepSpec = unship(context["sweep"])
-    roots = context["sweep"]["data_roots"]
+    sweep: SweepSpec = unship(context["spec"])
+    roots = context["spec"]["data_roots"]
     params = {k: v for k, v in config.items() if k not in (VARIANT_KEY, SEED_KEY)}
     variant = config.get(VARIANT_KEY)
     spec = sweep.trial_spec(params, variant, int(config[SEED_KEY]), {"data_roots": roots})
@@ -325,7 +325,7 @@ def _tuner(sweep: SweepSpec, job_id: str, ref: RunRef, settings: OrchestratorSet
     from ray.tune.schedulers import ASHAScheduler
 
     context = {
-        "sweep": ship(sweep, settings.allowed_data_roots),
+        "spec": ship(sweep, settings.allowed_data_roots),
         "job_id": job_id,
         "parent_run_id": ref.run_id,
         "settings": settings.model_dump(mode="json"),

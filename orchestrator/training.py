@@ -32,12 +32,9 @@ from orchestrator.tracking import (
     set_tags,
 )
 from spark_core import build_spark
-from spark_core.engine import EngineConfig, PretrainEngine
+from spark_core.engine import CHECKPOINT_FILE, EngineConfig, PretrainEngine
 
 logger = logging.getLogger(__name__)
-
-# The training state's file name inside every Ray Train checkpoint of a job.
-CHECKPOINT_FILE = "last.pt"
 
 
 @dataclass(frozen=True)

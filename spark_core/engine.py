@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import math
@@ -147,6 +148,10 @@ def build_optimizer(
     if betas is None:
         betas = resolve_family(model.config.backbone).lamb_betas
     return OPTIMIZERS[name](param_groups(model), 0.0, betas, compile)
+
+
+# The training state's file name in a checkpoint folder (the engine's and Ray Train's).
+CHECKPOINT_FILE = "last.pt"
 
 
 @dataclass(frozen=True)
@@ -524,7 +529,7 @@ class PretrainEngine:
     def checkpoint_path(self) -> Path | None:
         if self.config.checkpoint_dir is None:
             return None
-        return Path(self.config.checkpoint_dir) / "last.pt"
+        return Path(self.config.checkpoint_dir) / CHECKPOINT_FILE
 
     def train_one_epoch(self, loader: DataLoader) -> EpochMetrics:
         epoch = self.epoch
@@ -633,9 +638,6 @@ class ProgressBar:
 
 
 def format_duration(seconds: float) -> str:
-    """``h:mm:ss`` of a duration, ``?`` when it is not finite (an ETA before any rate)."""
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours:d}:{minutes:02d}:{secs:02d}"
+    """``h:mm:ss`` of a duration (the standard library's), ``?`` when it is not finite (an
+    ETA before any rate)."""
+    return str(datetime.timedelta(seconds=round(seconds))) if math.isfinite(seconds) else "?"

@@ -61,7 +61,7 @@ def ray_submissions(ray_cluster: RayTestCluster, job_id: str) -> int:
 
     jobs = JobSubmissionClient(ray_cluster.dashboard_url).list_jobs()
     ids = [job.submission_id or "" for job in jobs]
-    # The n-th submission of a job is `<job id>-<n>` (api/scheduler.py::submission_id).
+    # The n-th submission of a job is `<job id>-<n>` (control/scheduler.py::submission_id).
     return sum(1 for ray_id in ids if ray_id == job_id or ray_id.startswith(f"{job_id}-"))
 
 

@@ -120,6 +120,18 @@ def test_ray_token_auth_and_storage_on_every_ray_client(compose: dict) -> None:
     assert "basic-auth" in mlflow
 
 
+def test_ray_gives_a_cancelled_driver_time_to_end_its_run(compose: dict) -> None:
+    """The nodes' job supervisors wait as long as the embedded stack's (longer than the
+    driver's own clean-up) before SIGKILL; drivers get no forwarded environment there."""
+    from orchestrator.control.scheduler import JOB_STOP_WAIT_S
+    from orchestrator.driver_guard import CLEANUP_TIMEOUT_S
+
+    assert JOB_STOP_WAIT_S > CLEANUP_TIMEOUT_S
+    for name in ("ray-head", "ray-worker"):
+        env = compose["services"][name]["environment"]
+        assert env["RAY_JOB_STOP_WAIT_TIME_S"] == str(JOB_STOP_WAIT_S)
+
+
 def test_minio_root_credentials_stay_in_minio_and_each_user_gets_one_bucket(
     compose: dict,
 ) -> None:

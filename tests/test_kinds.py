@@ -39,19 +39,53 @@ SWEEP: dict[str, Any] = {
 }
 
 
-def test_no_code_outside_the_registry_branches_on_a_kind_name() -> None:
+def _constants(node: ast.AST) -> set[object]:
+    """Constants of an expression, looking into tuples, lists and sets."""
+    if isinstance(node, ast.Constant):
+        return {node.value}
+    if isinstance(node, ast.Tuple | ast.List | ast.Set):
+        return set().union(*(_constants(e) for e in node.elts)) if node.elts else set()
+    return set()
+
+
+def _kind_branches(tree: ast.AST) -> list[int]:
+    """Lines that compare with, match on, or key a mapping by a kind's name."""
     names = set(JOB_KINDS)
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            found = set().union(*(_constants(o) for o in [node.left, *node.comparators]))
+        elif isinstance(node, ast.MatchValue):
+            found = _constants(node.value)
+        elif isinstance(node, ast.Dict):
+            found = set().union(*(_constants(k) for k in node.keys if k is not None))
+        else:
+            continue
+        if found & names:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_code_outside_the_registry_branches_on_a_kind_name() -> None:
     for package in ("orchestrator", "api", "jobs"):
         for path in sorted((ROOT / package).rglob("*.py")):
             if path.name == "kinds.py":
                 continue
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Compare):
-                    operands = [node.left, *node.comparators]
-                    constants = {o.value for o in operands if isinstance(o, ast.Constant)}
-                    assert not constants & names, (
-                        f"{path.relative_to(ROOT)}:{node.lineno} compares with a kind name"
-                    )
+            lines = _kind_branches(ast.parse(path.read_text()))
+            assert not lines, f"{path.relative_to(ROOT)}:{lines} branches on a kind name"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "if kind == 'sweep': pass",
+        "if kind in ('pretrain', 'x'): pass",
+        "match kind:\n    case 'sweep': pass",
+        "RUNNERS = {'pretrain': run}",
+    ],
+)
+def test_the_branch_detector_sees_the_usual_forms(code: str) -> None:
+    assert _kind_branches(ast.parse(code))
 
 
 @pytest.mark.parametrize("name", list(JOB_KINDS))

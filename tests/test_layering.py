@@ -107,13 +107,20 @@ settings = OrchestratorSettings(home=home, ray_address=None)
 token = issue_token(settings.tokens_file, "alice")
 spec = {"name": "probe", "model": {"backbone": "resnet18", "input_size": 64},
         "optim": {"global_batch_size": 8, "epochs": 1}, "data": {"train": {"count": 64}}}
-with TestClient(create_app(settings, reconcile=False)) as client:
+app = create_app(settings, reconcile=False)
+with TestClient(app) as client:
+    app.state.service.warm_up()  # what the app imports in the background, done here first
     auth = {"Authorization": f"Bearer {token}"}
     created = client.post("/v1/jobs", json={"kind": "pretrain", "spec": spec}, headers=auth)
     job = created.json()["id"]
     bad = client.post("/v1/jobs", json={"kind": "pretrain",
                       "spec": {**spec, "model": {"backbone": "resnet9000"}}}, headers=auth)
-    answers = [created.status_code, bad.status_code,
+    sweep = client.post("/v1/jobs", json={"kind": "sweep", "spec": {"base": spec,
+                        "search": {"spark.mask_ratio": {"grid": [0.4, 0.6]}},
+                        "metric": "final_loss"}}, headers=auth)
+    answers = [created.status_code, bad.status_code, sweep.status_code,
+               client.get(f"/v1/jobs/{sweep.json()['id']}/progress", headers=auth).status_code,
+               client.get(f"/v1/jobs/{job}/results", headers=auth).status_code,
                client.get("/v1/specs/schema", headers=auth).status_code,
                client.get("/v1/jobs", headers=auth).status_code,
                client.get(f"/v1/jobs/{job}/progress", headers=auth).status_code,
@@ -132,8 +139,8 @@ def test_the_api_process_never_imports_torch_timm_or_spark_core() -> None:
         text=True,
     ).stdout
     report = json.loads(out.strip().splitlines()[-1])
-    # Validated (202, and 422 for a bad backbone), listed, inspected and cancelled.
-    assert report["answers"] == [202, 422, 200, 200, 200, 202]
+    # Validated (202, 422 for a bad backbone, a sweep 202), inspected, listed, cancelled.
+    assert report["answers"] == [202, 422, 202, 200, 200, 200, 200, 200, 202]
     assert report["loaded"] == []
 
 
@@ -145,6 +152,13 @@ def test_spec_spark_section_defaults_are_the_library_defaults() -> None:
     from spark_core import SparKConfig
 
     library = {f.name: f.default for f in dataclasses.fields(SparKConfig)}
+    # Every switch of the library is in the spec's spark section (the model section has the
+    # backbone, the input size and the drop path), with the same default.
+    assert set(SparkSpec.model_fields) == set(library) - {
+        "backbone",
+        "input_size",
+        "drop_path_rate",
+    }
     for name, field in SparkSpec.model_fields.items():
         assert field.default == library[name], f"spark.{name}: spec and library disagree"
 

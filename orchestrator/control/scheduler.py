@@ -43,7 +43,9 @@ from orchestrator.settings import OrchestratorSettings
 
 logger = logging.getLogger(__name__)
 
-JOB_STOP_WAIT_S = 30
+# Longer than a cancelled driver's own clean-up (driver_guard.CLEANUP_TIMEOUT_S, 30 s); the
+# compose deployment sets the same value on its Ray nodes.
+JOB_STOP_WAIT_S = 45
 
 RAY_TO_STORE = {
     "PENDING": "PENDING",

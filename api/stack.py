@@ -78,7 +78,15 @@ def dashboard_port(settings: OrchestratorSettings) -> int:
 
 def start_ray(settings: OrchestratorSettings) -> str:
     """A local Ray head owned by this process; returns its dashboard URL."""
-    return init_local_cluster(settings, dashboard_port=dashboard_port(settings))
+    port = dashboard_port(settings)
+    try:
+        return init_local_cluster(settings, dashboard_port=port)
+    except ValueError as error:  # Ray's "Failed to bind ... already occupied"
+        taken = bind_error(LOOPBACK, port)
+        if taken is None:
+            raise
+        setting = "SPARKORCH_RAY_DASHBOARD_URL"
+        raise StackError(port_problem("Ray dashboard", LOOPBACK, port, setting, taken)) from error
 
 
 def stack_ports(settings: OrchestratorSettings) -> list[tuple[str, str, int, str]]:
@@ -106,13 +114,13 @@ def bind_error(host: str, port: int) -> OSError | None:
 def port_problem(what: str, host: str, port: int, setting: str, error: OSError) -> str:
     """The message for a port the stack cannot listen on: which port, who holds it, the fix."""
     if error.errno != errno.EADDRINUSE:
-        return f"cannot listen on {host}:{port} for the {what} ({error.strerror}): set {setting}"
+        return f"the {what} cannot listen on {host}:{port} ({error.strerror}): set {setting}"
     holders = "; ".join(describe(proc) for proc in port_holders(port))
-    held = f", held by {holders}" if holders else ""
+    held = f" by {holders}" if holders else ""
     return (
-        f"port {port} ({host}:{port}, the {what}) is already in use{held}. The stack does not "
-        f"use a server it did not start: stop that process (a stack from an earlier run?) or "
-        f"set {setting} to a free port"
+        f"the {what} port {port} ({host}:{port}) is already in use{held}. The stack never "
+        f"uses a server it did not start: stop that process (a stack from an earlier run?) "
+        f"or set {setting} to a free port"
     )
 
 
@@ -171,6 +179,7 @@ def wait_for_mlflow(process: subprocess.Popen, settings: OrchestratorSettings) -
 
 
 def serve_api(settings: OrchestratorSettings) -> uvicorn.Server:
+    """The REST service in a thread of this process, once it listens."""
     config = uvicorn.Config(
         create_app(settings),
         host=settings.api_host,
@@ -184,17 +193,23 @@ def serve_api(settings: OrchestratorSettings) -> uvicorn.Server:
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
-        if not thread.is_alive():  # uvicorn logs why, typically the port being taken
-            error = bind_error(settings.api_host, settings.api_port) or OSError(0, "see above")
-            what = ("API", settings.api_host, settings.api_port, "SPARKORCH_API_PORT")
-            raise StackError(port_problem(*what, error))
-        if time.monotonic() > deadline:
-            raise StackError(f"the API did not start on {settings.api_host}:{settings.api_port}")
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise api_start_error(settings)
         time.sleep(0.1)
     return server
 
 
+def api_start_error(settings: OrchestratorSettings) -> StackError:
+    """Why the API did not start: its port taken (the usual cause), else see uvicorn's log."""
+    host, port = settings.api_host, settings.api_port
+    error = bind_error(host, port)
+    if error is not None:
+        return StackError(port_problem("API", host, port, "SPARKORCH_API_PORT", error))
+    return StackError(f"the API did not start on {host}:{port} (its log is above)")
+
+
 def submit_smoke(api_url: str, token: str) -> str:
+    """Submit the smoke pre-training job through the API; returns its job id."""
     response = httpx.post(
         f"{api_url}/v1/jobs",
         json={"kind": "pretrain", "spec": read_spec_file(SMOKE)},

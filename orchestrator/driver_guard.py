@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from orchestrator.control.states import TERMINAL_STATES
+from orchestrator.processes import set_parent_death_signal
 
 if TYPE_CHECKING:
     from orchestrator.control.store import Job, JobStore
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 # Ray's job supervisor sets it in the environment of every Ray Jobs driver.
 RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_INTERVAL_S = 2.0
 # How long a Ray Jobs driver that finds its job cancelled leaves Ray to stop it: the
 # reconciler stops a cancelled job's submission within one pass (2 s by default).
@@ -66,11 +66,8 @@ def die_with_parent(signum: int = signal.SIGTERM) -> bool:
     only the PID 1 check is made.
     """
     parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
-            error = ctypes.get_errno()
-            logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(error))
+    if sys.platform.startswith("linux") and not set_parent_death_signal(signum):
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
     # Checked after prctl: a parent that exits before it would send nothing.
     current = os.getppid()
     return current == parent and current != 1

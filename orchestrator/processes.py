@@ -227,6 +227,14 @@ def describe(proc: psutil.Process) -> str:
     return f"pid {proc.pid}: {line[:160] or '?'}"
 
 
+def set_parent_death_signal(sig: int, libc: ctypes.CDLL | None = None) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent exits (Linux's
+    ``PR_SET_PDEATHSIG``); False when the call failed. ``libc`` already loaded, for use in a
+    forked child (loading a library there can deadlock)."""
+    libc = libc or ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
 def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
     """A ``preexec_fn`` that makes the child receive ``sig`` when this process dies.
 
@@ -238,7 +246,7 @@ def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None]:
     parent = os.getpid()
 
     def preexec() -> None:
-        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        if not set_parent_death_signal(sig, libc):
             os._exit(126)
         # The parent may have died before prctl: then no signal would ever come.
         if os.getppid() != parent:

@@ -55,12 +55,16 @@ def measure(python: str) -> dict[str, float]:
                 time.sleep(0.05)
         ready = time.perf_counter() - start
         idle = rss_mib(process.pid)
-        # One validation: a service that imports torch lazily would show it here.
+        # One validation, then readiness (Ray's and MLflow's clients loaded): a service that
+        # imports torch lazily would show it here.
         httpx.post(f"{url}/v1/jobs", json={"kind": "pretrain", "spec": {}}, timeout=30)
+        readyz_start = time.perf_counter()
+        httpx.get(f"{url}/readyz", timeout=120)
         return {
             "start_s": round(ready, 2),
             "rss_mib": round(idle, 1),
-            "rss_after_request_mib": round(rss_mib(process.pid), 1),
+            "first_readyz_s": round(time.perf_counter() - readyz_start, 2),
+            "rss_after_readyz_mib": round(rss_mib(process.pid), 1),
         }
     finally:
         process.terminate()

@@ -249,10 +249,6 @@ def _sweep_results(client: Any, run_id: str, artifacts: list[str]) -> dict[str, 
     return {"rows": rows, "columns": list(reader.fieldnames or [])}
 
 
-def _sweep_copies(sweep: SweepSpec) -> int:
-    return sweep.concurrent_trials()
-
-
 # ------------------------------------------------------------------------------ registry
 
 JOB_KINDS: Mapping[str, JobKind] = MappingProxyType(
@@ -283,7 +279,7 @@ JOB_KINDS: Mapping[str, JobKind] = MappingProxyType(
                 live_view="orchestrator.progress:trial_table_view",
                 poll_s=5.0,
                 section=("base",),
-                copies=_sweep_copies,
+                copies=SweepSpec.concurrent_trials,
                 copies_field="max_concurrent_trials",
                 progress_extra=_sweep_progress,
                 results_extra=_sweep_results,

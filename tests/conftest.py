@@ -19,6 +19,19 @@ TEST_SIZE = 64
 TEST_DECODER_WIDTH = 128
 
 
+# The smallest pre-training spec the API accepts (one epoch, no evaluation): what the API
+# tests submit when the job's content does not matter.
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "model": {"backbone": "resnet18", "input_size": 64},
+    "spark": {"decoder_width": 64},
+    "data": {"train": {"kind": "synthetic", "count": 32, "size": 64, "classes": 2}},
+    "optim": {"global_batch_size": 16, "epochs": 1, "warmup_epochs": 0},
+    "resources": {"num_workers": 1},
+    "evaluation": {"method": "none"},
+}
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

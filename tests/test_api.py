@@ -10,20 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ApiServer
+from conftest import TINY_SPEC, ApiServer
 
 from api.auth import TokenRegistry, hash_token, issue_token
 from orchestrator.settings import OrchestratorSettings
 
-SPEC: dict[str, Any] = {
-    "name": "api-tiny",
-    "model": {"backbone": "resnet18", "input_size": 64},
-    "spark": {"decoder_width": 64},
-    "data": {"train": {"kind": "synthetic", "count": 32, "size": 64, "classes": 2}},
-    "optim": {"global_batch_size": 16, "epochs": 1, "warmup_epochs": 0},
-    "resources": {"num_workers": 1},
-    "evaluation": {"method": "none"},
-}
+SPEC: dict[str, Any] = {**TINY_SPEC, "name": "api-tiny"}
 
 
 @pytest.fixture

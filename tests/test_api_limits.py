@@ -12,22 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ApiServer
+from conftest import TINY_SPEC, ApiServer
 
 from api.auth import issue_token
 from orchestrator.settings import OrchestratorSettings
 
 LIMIT = 64 * 1024
 CHUNK = 8 * 1024
-SPEC: dict[str, Any] = {
-    "name": "limits-tiny",
-    "model": {"backbone": "resnet18", "input_size": 64},
-    "spark": {"decoder_width": 64},
-    "data": {"train": {"kind": "synthetic", "count": 32, "size": 64, "classes": 2}},
-    "optim": {"global_batch_size": 16, "epochs": 1, "warmup_epochs": 0},
-    "resources": {"num_workers": 1},
-    "evaluation": {"method": "none"},
-}
+SPEC: dict[str, Any] = {**TINY_SPEC, "name": "limits-tiny"}
 
 
 @pytest.fixture(scope="module")

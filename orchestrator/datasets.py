@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from orchestrator.specs import DataSource, PretrainSpec, SyntheticData
+from orchestrator.specs import DataSource, FinetuneSpec, PretrainSpec, SyntheticData
 from spark_core.data import (
     ImageFolderDataset,
     build_eval_transform,
@@ -103,3 +103,40 @@ def steps_per_epoch(dataset_size: int, spec: PretrainSpec) -> int:
     """Optimiser steps per epoch (DistributedSampler and loader both drop the remainder)."""
     workers = spec.resources.num_workers
     return (dataset_size // workers) // spec.derived().per_worker_batch
+
+
+def finetune_datasets(spec: FinetuneSpec, cache: Path) -> tuple[Dataset, Dataset, list[str]]:
+    """``(train, val, class names)`` of a fine-tuning job, with the protocol's transforms.
+
+    Without ``data.val`` the validation images are a stratified ``data.val_fraction`` of
+    ``data.train`` (seeded by the job's seed), never trained on.
+
+    Raises:
+        ValueError: a folder is not in the class layout, or train and val name different
+            classes.
+    """
+    from spark_core.finetune import eval_transform, train_transform
+
+    size = spec.model.input_size
+    train_root = materialize(spec.data.train, cache)
+    train = _finetune_folder(train_root, train_transform(size), "data.train")
+    if spec.data.val is None:
+        kept, held_out = split_train_val(train, spec.data.val_fraction, seed=spec.seed)
+        evaluated = _finetune_folder(train_root, eval_transform(size), "data.train")
+        return Subset(train, kept.indices), Subset(evaluated, held_out.indices), train.classes
+    val = _finetune_folder(materialize(spec.data.val, cache), eval_transform(size), "data.val")
+    if val.classes != train.classes:
+        raise ValueError(
+            f"data.val has classes {val.classes[:10]}, data.train {train.classes[:10]}: both "
+            "need the same class sub-folders"
+        )
+    return train, val, train.classes
+
+
+def _finetune_folder(root: Path, transform, field: str) -> ImageFolderDataset:
+    try:
+        return ImageFolderDataset(root, transform, labelled=True)
+    except ValueError as error:
+        raise ValueError(
+            f"{field}: fine-tuning needs labelled images (one sub-folder per class): {error}"
+        ) from None

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from orchestrator.lifecycle import JobCancelled, cancel_on_sigterm
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import (
+    FinetuneSpec,
     PretrainSpec,
     SpecError,
     SweepSpec,
@@ -209,6 +210,42 @@ def _pretrain_result_text(result: Any, link: str) -> str:
     )
 
 
+# ------------------------------------------------------------------------------ finetune
+
+
+def _describe_finetune(spec: FinetuneSpec) -> str:
+    recipe, row = spec.effective_recipe()
+    table = row if row == spec.model.backbone else f"{row}'s row: no row of its own"
+    return (
+        f"({spec.model.backbone} at {spec.model.input_size} px from {spec.weights.kind}, "
+        f"{recipe.epochs} epochs, {recipe.optimizer}, batch {recipe.batch_size}, recipe of "
+        f"{table})"
+    )
+
+
+def _finetune_details(spec: FinetuneSpec) -> dict[str, Any]:
+    recipe, row = spec.effective_recipe()
+    return {
+        "recipe": recipe.__dict__,
+        "recipe_row": row,
+        "peak_lr": recipe.peak_lr(),
+    }
+
+
+def _finetune_result_text(result: Any, link: str) -> str:
+    metrics = result.metrics
+    return (
+        f"{result.status}: job {result.job_id}, {result.epochs} epochs, {result.steps} steps in "
+        f"{result.wall_time_s:.0f} s, from {result.source}\n"
+        f"finetune_top1 {metrics.get('finetune_top1', float('nan')):.2f} (best of model "
+        f"{metrics.get('best_model_top1', float('nan')):.2f} and EMA "
+        f"{metrics.get('best_ema_top1', float('nan')):.2f}, epoch "
+        f"{metrics.get('best_epoch', 0):.0f})\n"
+        f"MLflow run {result.run_id} (experiment {result.experiment_id}, "
+        f"{result.tracking_uri})\n  {link}\nmodel: {result.model_uri}"
+    )
+
+
 # --------------------------------------------------------------------------------- sweep
 
 
@@ -268,6 +305,18 @@ JOB_KINDS: Mapping[str, JobKind] = MappingProxyType(
                 live_view="orchestrator.progress:progress_line_view",
             ),
             JobKind(
+                name="finetune",
+                spec_type=FinetuneSpec,
+                summary="fine-tuning with the paper's downstream protocol (Ray Train)",
+                run_label="run",
+                runner="orchestrator.finetune:run_finetune",
+                marker_keys=frozenset({"data", "weights"}),
+                describe=_describe_finetune,
+                details=_finetune_details,
+                result_text=_finetune_result_text,
+                live_view="orchestrator.progress:progress_line_view",
+            ),
+            JobKind(
                 name="sweep",
                 spec_type=SweepSpec,
                 summary="an ablation sweep of pre-training runs (Ray Tune)",
@@ -303,21 +352,28 @@ def get_kind(name: str) -> JobKind:
 
 
 def detect_kind(document: Any, source: str = "spec") -> JobKind:
-    """The kind of a spec document, from the top-level keys only one kind has.
+    """The kind of a spec document, from its top-level keys.
 
-    A document with no kind's keys is taken as the first kind (``pretrain``), so that its
-    validation errors say what is missing.
+    The kind whose marker keys are all present wins, the one with most of them if several
+    (a fine-tune spec has ``data`` and ``weights``, a pre-training spec ``data``); failing
+    that, the one sharing most keys. A document with no kind's keys is taken as the first
+    kind (``pretrain``), so that its validation errors say what is missing.
 
     Raises:
-        SpecError: several kinds' keys are present (name the kind with ``--kind``).
+        SpecError: two kinds fit equally well (name the kind with ``--kind``).
     """
     keys = set(document) if isinstance(document, Mapping) else set()
-    matches = [kind for kind in JOB_KINDS.values() if kind.marker_keys & keys]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
+
+    def fit(kind: JobKind) -> tuple[bool, int]:
+        return kind.marker_keys <= keys, len(kind.marker_keys & keys)
+
+    best = max((fit(kind) for kind in JOB_KINDS.values()), default=(False, 0))
+    if best[1] == 0:
         # Nothing to tell by: validate as the first kind, whose errors name what is missing.
         return next(iter(JOB_KINDS.values()))
+    matches = [kind for kind in JOB_KINDS.values() if fit(kind) == best]
+    if len(matches) == 1:
+        return matches[0]
     hints = "; ".join(f"{k.name}: {', '.join(sorted(k.marker_keys))}" for k in JOB_KINDS.values())
     found = " and ".join(k.name for k in matches)
     raise SpecError(

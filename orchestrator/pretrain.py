@@ -25,7 +25,7 @@ from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, ship
 from orchestrator.tracking import RunRef, end_run, log_file, log_metrics, open_job_run
-from orchestrator.training import CHECKPOINT_FILE, WorkerConfig, train_worker
+from orchestrator.training import CHECKPOINT_FILE, WorkerConfig, build_trainer, train_worker
 from spark_core.checkpoint import export_encoder
 
 logger = logging.getLogger(__name__)
@@ -59,19 +59,6 @@ def _trainer(
     settings: OrchestratorSettings,
     callbacks: Sequence[Any] = (),
 ):
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
-    resources = spec.resources
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.gpus_per_worker:
-        per_worker["GPU"] = resources.gpus_per_worker
     worker = WorkerConfig(
         spec=ship(spec, settings.allowed_data_roots),
         job_id=job_id,
@@ -82,23 +69,8 @@ def _trainer(
         },
         dataset_cache=str(settings.dataset_cache),
     )
-    return TorchTrainer(
-        train_worker,
-        train_loop_config=worker.to_dict(),
-        scaling_config=ScalingConfig(
-            num_workers=resources.num_workers,
-            use_gpu=resources.gpus_per_worker > 0,
-            resources_per_worker=per_worker,
-            placement_strategy=resources.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=job_id,
-            storage_path=settings.storage_path,
-            failure_config=FailureConfig(max_failures=spec.failures.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
-            logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=list(callbacks),
-        ),
+    return build_trainer(
+        train_worker, worker.to_dict(), spec, job_id=job_id, settings=settings, callbacks=callbacks
     )
 
 

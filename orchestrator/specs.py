@@ -252,8 +252,9 @@ def _data_roots(info: ValidationInfo) -> tuple[Path, ...]:
     return tuple(Path(root).expanduser().resolve() for root in roots)
 
 
-def resolve_data_path(value: str, roots: Sequence[Path]) -> Path:
-    """The folder ``value`` names, refused unless it lies under one of ``roots``.
+def resolve_data_path(value: str, roots: Sequence[Path], *, file: bool = False) -> Path:
+    """The folder (or, with ``file``, the file) ``value`` names, refused unless it lies under
+    one of ``roots``.
 
     Relative paths are taken from the first root. Symbolic links are followed before the
     check, so a link pointing out of the roots is refused.
@@ -276,7 +277,9 @@ def resolve_data_path(value: str, roots: Sequence[Path]) -> Path:
             f"{value!r} lies outside the allowed data roots ({roots_text}); move the data "
             "under one of them or add a root with SPARKORCH_DATA_ROOTS"
         )
-    if not resolved.is_dir():
+    if file and not resolved.is_file():
+        raise ValueError(f"{value!r} is not an existing file (looked for {resolved})")
+    if not file and not resolved.is_dir():
         raise ValueError(f"{value!r} is not an existing folder (looked for {resolved})")
     return resolved
 
@@ -382,9 +385,10 @@ class FailureSpec(_Strict):
 
 
 class EvaluationSpec(_Strict):
-    """Downstream evaluation of the final encoder (frozen features, or a short fine-tune)."""
+    """A quick look at the final encoder on frozen features (the paper's protocol is the
+    ``finetune`` job kind, and a sweep's ``finetune`` section)."""
 
-    method: Literal["none", "linear_probe", "knn", "finetune"] = "linear_probe"
+    method: Literal["none", "linear_probe", "knn"] = "linear_probe"
     val_fraction: float = Field(default=0.25, ge=0.05, le=0.5)
     batch_size: int = Field(default=64, ge=1, le=1024)
 
@@ -549,6 +553,172 @@ class PretrainSpec(_Strict):
         return flat
 
 
+# ---------------------------------------------------------------------------- fine-tuning
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
+
+
+class PretrainJobWeights(_Strict):
+    """The encoder a pre-training job of this service exported (found by its job id)."""
+
+    kind: Literal["pretrain_job"] = "pretrain_job"
+    job_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class MlflowRunWeights(_Strict):
+    """The encoder artifact of an MLflow run (a pre-training run of this service)."""
+
+    kind: Literal["mlflow_run"] = "mlflow_run"
+    run_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+
+
+class FileWeights(_Strict):
+    """A ``.safetensors`` / ``.pth`` file under the data roots: an exported encoder, a timm
+    state dict, or the authors' released checkpoints (``*_1kpretrained_timm_style.pth``,
+    ConvNeXt ``*_official_style.pth``). Read without unpickling objects."""
+
+    kind: Literal["file"] = "file"
+    path: str = Field(min_length=1, max_length=1024)
+
+    @field_validator("path")
+    @classmethod
+    def _inside_roots(cls, value: str, info: ValidationInfo) -> str:
+        if not value.endswith(WEIGHT_FILE_SUFFIXES):
+            raise ValueError(f"use a {' / '.join(WEIGHT_FILE_SUFFIXES)} file, got {value!r}")
+        return str(resolve_data_path(value, _data_roots(info), file=True))
+
+
+class NoWeights(_Strict):
+    """From scratch (timm's initialisation): the paper's baseline row."""
+
+    kind: Literal["none"] = "none"
+
+
+WeightsSource = Annotated[
+    PretrainJobWeights | MlflowRunWeights | FileWeights | NoWeights, Field(discriminator="kind")
+]
+
+
+class ClassifierSpec(_Strict):
+    """The timm classifier to fine-tune (its classes come from the data)."""
+
+    backbone: Annotated[
+        str,
+        Field(max_length=64, pattern=r"^[a-z0-9_.]+$"),
+        AfterValidator(check_backbone),
+    ] = "resnet50"
+    input_size: int = Field(default=224, ge=32, le=1024, multiple_of=PATCH_STRIDE)
+
+
+class FinetuneDataSpec(_Strict):
+    """Labelled images (one sub-folder per class): ``train``, and ``val`` or a stratified
+    ``val_fraction`` of ``train``."""
+
+    train: DataSource
+    val: DataSource | None = None
+    val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
+    loader_workers: int = Field(default=0, ge=0, le=32)
+
+    @field_validator("train", "val", mode="before")
+    @classmethod
+    def _kind(cls, value: Any) -> Any:
+        return _default_kind(value)
+
+
+class RecipeSpec(_Strict):
+    """The protocol's hyper-parameters; each one omitted takes the official table's value
+    for the backbone (``sparkctl validate --json`` shows them; docs/finetune-recipe.md)."""
+
+    batch_size: int | None = Field(default=None, ge=1, le=65_536, description="global batch")
+    epochs: int | None = Field(default=None, ge=1, le=10_000)
+    warmup_epochs: float | None = Field(default=None, ge=0.0, le=10_000)
+    optimizer: Literal["lamb", "adamw"] | None = None
+    base_lr: float | None = Field(default=None, gt=0.0, le=1.0, description="lr per 256 images")
+    lr_scale: float | None = Field(default=None, gt=0.0, le=1.0, description="layer decay")
+    weight_decay: float | None = Field(default=None, ge=0.0, le=1.0)
+    mixup: float | None = Field(default=None, ge=0.0, le=10.0)
+    cutmix: float | None = Field(default=None, ge=0.0, le=10.0)
+    label_smoothing: float | None = Field(default=None, ge=0.0, lt=1.0)
+    rep_aug: int | None = Field(default=None, ge=0, le=8)
+    drop_path: float | None = Field(default=None, ge=0.0, lt=1.0)
+    ema_decay: float | None = Field(default=None, ge=0.0, lt=1.0)
+    clip_grad: float | None = Field(default=None, ge=0.0, le=1000.0, description="0 = off")
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class RuntimeSpec(_Strict):
+    """How the steps run (not part of the recipe)."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = Field(default=10, ge=1, le=10_000)
+
+
+class FinetuneTrackingSpec(_Strict):
+    experiment: Name | None = None
+    register_model: bool = Field(
+        default=False, description="register the fine-tuned classifier under the job's name"
+    )
+
+
+class FinetuneSpec(_Strict):
+    """One fine-tuning job: the paper's downstream protocol on a timm classifier."""
+
+    name: Name = "spark-finetune"
+    tags: dict[TagKey, TagValue] = Field(default_factory=dict, max_length=32)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    model: ClassifierSpec = Field(default_factory=ClassifierSpec)
+    weights: WeightsSource
+    data: FinetuneDataSpec
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failures: FailureSpec = Field(default_factory=FailureSpec)
+    tracking: FinetuneTrackingSpec = Field(default_factory=FinetuneTrackingSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneSpec:
+        errors = []
+        workers = self.resources.num_workers
+        batch = self.recipe.batch_size
+        if batch is not None and batch < workers:
+            errors.append(
+                (
+                    ("recipe", "batch_size"),
+                    batch,
+                    f"is below resources.num_workers={workers}: each worker needs a batch",
+                )
+            )
+        train = self.data.train
+        if isinstance(train, SyntheticData) and train.classes < 2:
+            errors.append((("data", "train", "classes"), train.classes, "needs 2 or more"))
+        _raise_conflicts(type(self).__name__, "spec_conflict", errors)
+        return self
+
+    def effective_recipe(self) -> Any:
+        """The official recipe of the backbone with this spec's overrides, and the table row
+        it came from (imports spark_core: workers and the CLI only)."""
+        import dataclasses
+
+        from spark_core.finetune import finetune_recipe
+
+        recipe, row = finetune_recipe(self.model.backbone, self.model.input_size)
+        overrides = {"input_size": self.model.input_size, **self.recipe.overrides()}
+        return dataclasses.replace(recipe, **overrides), row
+
+    def flat_params(self) -> dict[str, str]:
+        """The spec as flat MLflow params, tags excluded, with every recipe value in use."""
+        flat = flatten(self.model_dump(mode="json", exclude={"tags", "recipe"}))
+        recipe, row = self.effective_recipe()
+        flat.update({f"recipe.{k}": str(v) for k, v in recipe.__dict__.items()})
+        flat["recipe.table_row"] = row
+        return flat
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     flat: dict[str, str] = {}
     for key, value in tree.items():
@@ -639,12 +809,13 @@ def load_spec(path: str | Path, *, data_roots: Sequence[Path | str] | None = Non
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint", "quniform")
 SweepValue = bool | int | float | str
+FINETUNE_METRIC = "finetune_top1"
 METRICS: Mapping[str, tuple[str, str]] = MappingProxyType(
     {
         # name -> (mode, evaluation method that produces it, or "" for training metrics)
         "linear_probe_top1": ("max", "linear_probe"),
         "knn_top1": ("max", "knn"),
-        "finetune_top1": ("max", "finetune"),
+        FINETUNE_METRIC: ("max", ""),  # produced by the sweep's finetune section
         "final_loss": ("min", ""),
     }
 )
@@ -698,6 +869,44 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(default=2.0, gt=1.0, le=16.0)
 
 
+class DownstreamSpec(_Strict):
+    """A sweep's fine-tuning of each trial's encoder with the paper's protocol: a fine-tune
+    run nested under the trial's run, whose ``finetune_top1`` scores the trial. The backbone
+    is the base spec's; a trial with ``optim.epochs: 0`` fine-tunes from scratch."""
+
+    input_size: int | None = Field(
+        default=None, ge=32, le=1024, multiple_of=PATCH_STRIDE, description="default: the base's"
+    )
+    data: FinetuneDataSpec
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failures: FailureSpec = Field(default_factory=FailureSpec)
+
+    def trial_spec(
+        self,
+        trial: PretrainSpec,
+        *,
+        weights: dict[str, Any],
+        name: str,
+        context: Any = None,
+    ) -> FinetuneSpec:
+        """The fine-tuning job of one trial, from ``weights`` (a weights-source mapping)."""
+        data = self.model_dump(mode="json", exclude={"input_size"})
+        data.update(
+            name=name,
+            seed=trial.seed,
+            model={
+                "backbone": trial.model.backbone,
+                "input_size": self.input_size or trial.model.input_size,
+            },
+            weights=weights,
+            tracking={"experiment": trial.tracking.experiment},
+        )
+        return FinetuneSpec.model_validate(data, context=context)
+
+
 class SweepSpec(_Strict):
     """An ablation sweep: a base pre-training spec, a search space and named variants."""
 
@@ -720,6 +929,11 @@ class SweepSpec(_Strict):
         default_factory=lambda: [0], min_length=1, max_length=32
     )
     max_failures_per_trial: int = Field(default=0, ge=0, le=10)
+    finetune: DownstreamSpec | None = Field(
+        default=None,
+        description="fine-tune every trial's encoder with the paper's protocol (metric "
+        "finetune_top1)",
+    )
 
     @property
     def mode(self) -> str:
@@ -755,6 +969,16 @@ class SweepSpec(_Strict):
                 self.metric,
                 f"needs base.evaluation.method: {evaluation} (it is {self.base.evaluation.method})",
             )
+        if self.metric == FINETUNE_METRIC and self.finetune is None:
+            yield (
+                ("metric",),
+                self.metric,
+                "needs a finetune section (the fine-tuning of every trial's encoder)",
+            )
+        if self.finetune is not None:
+            problem = _downstream_problem(self, context)
+            if problem:
+                yield (("finetune",), None, problem)
         if self.algorithm == "optuna" and any(d.grid is not None for d in self.search.values()):
             yield (("algorithm",), self.algorithm, "optuna cannot search a grid; use choice")
         if self.algorithm == "grid" and any(
@@ -795,6 +1019,18 @@ class SweepSpec(_Strict):
         data = apply_overrides(self.base.model_dump(mode="json"), overrides)
         data["seed"] = seed
         return PretrainSpec.model_validate(data, context=context)
+
+
+def _downstream_problem(sweep: SweepSpec, context: Any) -> str:
+    """Why the sweep's finetune section cannot fine-tune the base's encoder ('' if it can)."""
+    assert sweep.finetune is not None
+    try:
+        sweep.finetune.trial_spec(
+            sweep.base, weights={"kind": "none"}, name=sweep.base.name, context=context
+        )
+    except ValidationError as error:
+        return "; ".join(f"{field_path(e['loc'])}: {_message(e['msg'])}" for e in error.errors())
+    return ""
 
 
 def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

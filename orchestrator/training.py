@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from orchestrator.datasets import pretrain_dataset, preview_images, steps_per_epoch
+from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, unship
 from orchestrator.tracking import (
     GLOBAL_BATCH_TAG,
@@ -85,17 +87,59 @@ class RayReporter:
             ray.train.report(metrics)
 
 
-def _device(spec: PretrainSpec) -> torch.device:
-    if spec.derived().use_gpu:
+def build_trainer(
+    train_loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    spec: Any,
+    *,
+    job_id: str,
+    settings: OrchestratorSettings,
+    callbacks: Sequence[Any] = (),
+) -> Any:
+    """The job's ``TorchTrainer``: named after the job id (running the id again resumes from
+    its latest checkpoint), sized by ``spec.resources``, ``FailureConfig`` from
+    ``spec.failures`` (worker-group restarts resume from the last checkpoint), keeping
+    ``spec.checkpoint.keep`` checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = spec.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.gpus_per_worker:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.num_workers,
+            use_gpu=resources.gpus_per_worker > 0,
+            resources_per_worker=per_worker,
+            placement_strategy=resources.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=job_id,
+            storage_path=settings.storage_path,
+            failure_config=FailureConfig(max_failures=spec.failures.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def worker_device(use_gpu: bool) -> torch.device:
+    """This Ray Train worker's device."""
+    if use_gpu:
         import ray.train.torch
 
         return ray.train.torch.get_device()
     return torch.device("cpu")
 
 
-def _threads_per_worker(spec: PretrainSpec) -> None:
-    # Each worker reserved cpus_per_worker CPUs; more intra-op threads would oversubscribe.
-    threads = max(int(spec.resources.cpus_per_worker), 1)
+def threads_per_worker(cpus_per_worker: float) -> None:
+    """Each worker reserved ``cpus_per_worker`` CPUs; more intra-op threads would
+    oversubscribe."""
+    threads = max(int(cpus_per_worker), 1)
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
@@ -108,10 +152,10 @@ def train_worker(config: dict[str, Any]) -> None:
     worker = WorkerConfig(**config)
     spec: PretrainSpec = unship(worker.spec)
     rank = ray.train.get_context().get_world_rank()
-    _threads_per_worker(spec)
+    threads_per_worker(spec.resources.cpus_per_worker)
     cache = Path(worker.dataset_cache)
     dataset = pretrain_dataset(spec, cache)
-    device = _device(spec)
+    device = worker_device(spec.derived().use_gpu)
 
     torch.manual_seed(spec.seed)  # the same initial weights everywhere (DDP also broadcasts)
     model = build_spark(**spec.build_kwargs())

@@ -21,7 +21,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's model config differs from the model it is loaded into."""
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file in the same folder, then rename: no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -61,8 +61,16 @@ def export_encoder(model: SparK, path: str | Path) -> Path:
         "backbone": model.config.backbone,
         "spark_config": json.dumps(model.config.to_dict()),
     }
-    state = encoder_state_dict(model)
-    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return save_weights(encoder_state_dict(model), path, metadata)
+
+
+def save_weights(
+    state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write a state dict as a safetensors file, atomically (contiguous CPU copies)."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
@@ -85,7 +93,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra or {},
     }
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 

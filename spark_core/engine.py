@@ -242,26 +242,26 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
     seed = 0x5EED
     for part in parts:
         seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
     return seed
 
 
-def _world() -> tuple[int, int]:
+def world_info() -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-@dataclass
-class _SampleSeeded(Dataset):
-    """Seeds torch's CPU generator from ``(epoch seed, index)`` around each sample.
+class SampleSeeded(Dataset):
+    """Seeds torch's CPU generator and Python's ``random`` from ``(seed, epoch, index)``
+    around each sample (timm's crops and erasing draw from ``random``).
 
     Augmentation then depends on the sample only, not on which rank or loader process reads
-    it; the caller's generator state is restored afterwards.
+    it; the caller's generator states are restored afterwards. Set :attr:`epoch` per epoch.
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -274,11 +274,15 @@ class _SampleSeeded(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         state = torch.default_generator.get_state()
-        torch.default_generator.manual_seed(_derive_seed(self.seed, self.epoch, index, 3))
+        python_state = random.getstate()
+        seed = derive_seed(self.seed, self.epoch, index, 3)
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
         try:
             return self.dataset[index]
         finally:
             torch.default_generator.set_state(state)
+            random.setstate(python_state)
 
 
 @dataclass
@@ -322,7 +326,7 @@ class PretrainEngine:
     ) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world_info()
         self.model = model.to(self.device)
         if config.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -405,7 +409,7 @@ class PretrainEngine:
 
     def build_loader(self, dataset: Dataset) -> DataLoader:
         """Sharded, epoch-seeded loader: each rank sees its own part of every epoch."""
-        dataset = _SampleSeeded(dataset, self.config.seed)
+        dataset = SampleSeeded(dataset, self.config.seed)
         sampler = DistributedSampler(
             dataset,
             num_replicas=self.world_size,
@@ -431,17 +435,17 @@ class PretrainEngine:
         )
 
     def _seed_epoch(self, loader: DataLoader, epoch: int) -> None:
-        seed = _derive_seed(self.config.seed, epoch, self.rank)
+        seed = derive_seed(self.config.seed, epoch, self.rank)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        self.mask_generator.manual_seed(_derive_seed(self.config.seed, epoch, 1))
-        if isinstance(loader.dataset, _SampleSeeded):
+        self.mask_generator.manual_seed(derive_seed(self.config.seed, epoch, 1))
+        if isinstance(loader.dataset, SampleSeeded):
             loader.dataset.epoch = epoch
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         if loader.generator is not None:
-            loader.generator.manual_seed(_derive_seed(seed, 2))
+            loader.generator.manual_seed(derive_seed(seed, 2))
 
     # ------------------------------------------------------------------ step
 

@@ -1,10 +1,11 @@
-"""Downstream evaluation of a pre-trained encoder: linear probe, kNN, short fine-tune.
+"""Quick looks at a pre-trained encoder on frozen features: linear probe and kNN.
+
+The paper's fine-tuning protocol is :mod:`spark_core.finetune_engine`.
 
 * :func:`spark_feature_fn` / :func:`timm_feature_fn` -- image batch -> last feature map.
 * :func:`extract_features` -- run a feature function over a loader, globally pooled.
 * :func:`linear_probe` -- standardised features + a linear classifier (MAE-style probe).
 * :func:`knn_top1` -- cosine-similarity weighted k-nearest-neighbour vote (DINO recipe).
-* :func:`finetune_top1` -- load the encoder into a timm classifier and fine-tune it briefly.
 * :func:`evaluate_encoder` -- any of the above on a SparK model, by method name.
 
 Everything is deterministic for a given ``seed`` (and, for the data, a seeded loader).
@@ -20,12 +21,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from spark_core.checkpoint import encoder_state_dict
 from spark_core.model import SparK
 
 logger = logging.getLogger(__name__)
@@ -322,120 +321,6 @@ def knn_top1(
 # --------------------------------------------------------------------------------------------
 
 
-def _classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
-    """State-dict key prefixes of a timm model's classifier (e.g. ``("fc.",)``)."""
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    names = cfg.get("classifier") or ("fc", "head.fc", "head", "classifier")
-    if isinstance(names, str):
-        names = (names,)
-    return tuple(f"{name}." for name in names)
-
-
-def _check_labels(labels: torch.Tensor, num_classes: int, loader_name: str) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(
-            f"{loader_name}: labels must lie in [0, num_classes={num_classes}), got values "
-            f"from {int(labels.min())} to {int(labels.max())}"
-        )
-
-
-def finetune_top1(
-    encoder_state: Mapping[str, torch.Tensor],
-    backbone: str,
-    train_loader: Batches,
-    val_loader: Batches,
-    *,
-    num_classes: int,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    weight_decay: float = 0.05,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> float:
-    """Fine-tune ``timm.create_model(backbone, num_classes)`` from an encoder; val top-1 (%).
-
-    The encoder weights load with ``strict=False``; only the (new) classifier may be missing.
-    Classifier weights present in ``encoder_state`` are dropped (the head is re-initialised for
-    ``num_classes``). The model trains with AdamW and cross-entropy for ``epochs`` passes over
-    ``train_loader``, then is evaluated on ``val_loader``. Initialisation uses ``seed`` inside a
-    forked RNG, so the caller's global RNG state is left untouched.
-
-    Args:
-        encoder_state: timm-layout weights, e.g. :func:`spark_core.checkpoint.encoder_state_dict`.
-        backbone: the timm model name the weights belong to.
-        train_loader: ``(images (B, 3, H, W), labels (B,))`` batches.
-        val_loader: same, for evaluation.
-        num_classes: classifier width, ``>= 1``.
-        epochs: training passes, ``>= 1``.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        device: device to train on.
-        seed: seeds the classifier init (and any stochastic layers).
-
-    Raises:
-        ValueError: ``encoder_state`` has keys the model does not have (listed) or lacks
-            non-classifier keys (listed), labels outside ``[0, num_classes)``, bad arguments.
-    """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    device = torch.device(device)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
-        net = timm.create_model(backbone, pretrained=False, num_classes=num_classes)
-        prefixes = _classifier_prefixes(net)
-        state = {k: v for k, v in encoder_state.items() if not k.startswith(prefixes)}
-        dropped = len(encoder_state) - len(state)
-        if dropped:
-            logger.info("finetune_top1: ignoring %d classifier tensor(s) of encoder_state", dropped)
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if unexpected:
-            raise ValueError(
-                f"encoder_state: {len(unexpected)} key(s) unknown to timm model {backbone!r}: "
-                f"{', '.join(sorted(unexpected)[:20])}. Is it the encoder of another backbone?"
-            )
-        not_head = sorted(k for k in missing if not k.startswith(prefixes))
-        if not_head:
-            raise ValueError(
-                f"encoder_state: lacks {len(not_head)} non-classifier key(s) of timm model "
-                f"{backbone!r}: {', '.join(not_head[:20])}"
-            )
-        net.to(device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-        net.train()
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            for batch in train_loader:
-                images, labels = _split_batch(batch)
-                _check_labels(labels, num_classes, "train_loader")
-                images, labels = images.to(device), labels.to(device)
-                loss = F.cross_entropy(net(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * labels.shape[0]
-                count += labels.shape[0]
-            if count == 0:
-                raise ValueError("train_loader: yielded no batches")
-            logger.info("finetune_top1: epoch %d/%d loss %.4f", epoch + 1, epochs, total / count)
-        net.eval()
-        correct, seen = 0, 0
-        with torch.no_grad():
-            for batch in val_loader:
-                images, labels = _split_batch(batch)
-                _check_labels(labels, num_classes, "val_loader")
-                logits = net(images.to(device))
-                correct += int((logits.argmax(dim=1).cpu() == labels).sum())
-                seen += labels.shape[0]
-    if seen == 0:
-        raise ValueError("val_loader: yielded no batches")
-    return correct / seen * 100.0
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluate a SparK model by method name
 # --------------------------------------------------------------------------------------------
@@ -450,7 +335,6 @@ class _EvalContext:
     val_loader: Batches
     device: torch.device
     seed: int
-    num_classes: int | None
     _features: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def features(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -462,18 +346,6 @@ class _EvalContext:
             self._features = (*train, *val)
         return self._features  # type: ignore[return-value]
 
-    def classes(self) -> int:
-        if self.num_classes is not None:
-            return self.num_classes
-        if self._features is not None:
-            labels = (self._features[1], self._features[3])
-        else:
-            labels = tuple(
-                torch.cat([_split_batch(b)[1] for b in loader])
-                for loader in (self.train_loader, self.val_loader)
-            )
-        return int(max(int(t.max()) for t in labels)) + 1
-
 
 def _run_linear_probe(ctx: _EvalContext) -> float:
     return linear_probe(*ctx.features(), seed=ctx.seed)
@@ -483,21 +355,9 @@ def _run_knn(ctx: _EvalContext) -> float:
     return knn_top1(*ctx.features())
 
 
-def _run_finetune(ctx: _EvalContext) -> float:
-    return finetune_top1(
-        encoder_state_dict(ctx.model),
-        ctx.model.config.backbone,
-        ctx.train_loader,
-        ctx.val_loader,
-        num_classes=ctx.classes(),
-        device=ctx.device,
-        seed=ctx.seed,
-    )
-
-
 #: Evaluation methods of :func:`evaluate_encoder`; result key is ``f"{name}_top1"``.
 EVAL_METHODS: Mapping[str, Callable[[_EvalContext], float]] = MappingProxyType(
-    {"linear_probe": _run_linear_probe, "knn": _run_knn, "finetune": _run_finetune}
+    {"linear_probe": _run_linear_probe, "knn": _run_knn}
 )
 
 
@@ -525,14 +385,12 @@ def evaluate_encoder(
     methods: Sequence[str] = ("linear_probe", "knn"),
     device: str | torch.device = "cpu",
     seed: int = 0,
-    num_classes: int | None = None,
 ) -> dict[str, float]:
     """Evaluate a SparK model's encoder with each of ``methods`` (see :data:`EVAL_METHODS`).
 
     ``"linear_probe"`` and ``"knn"`` use dense, globally average-pooled stride-32 features
-    (extracted once, eval mode); ``"finetune"`` fine-tunes a copy of the encoder as a timm
-    classifier for one epoch. The model is not modified: every submodule's train/eval flag is
-    restored afterwards.
+    (extracted once, eval mode). The model is not modified: every submodule's train/eval flag
+    is restored afterwards.
 
     Args:
         model: the SparK model, already on ``device``.
@@ -541,8 +399,7 @@ def evaluate_encoder(
         val_loader: same, to score on.
         methods: names from :data:`EVAL_METHODS`.
         device: where the images go.
-        seed: seed of the probe and fine-tune.
-        num_classes: classifier width for ``"finetune"``; inferred from the labels when None.
+        seed: seed of the probe.
 
     Returns:
         ``{f"{method}_top1": accuracy in percent}`` in the order of ``methods``.
@@ -555,8 +412,6 @@ def evaluate_encoder(
             f"methods={tuple(methods)!r}: unknown or empty; allowed values are "
             f"{', '.join(EVAL_METHODS)}"
         )
-    if num_classes is not None and num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     device = torch.device(device)
     model_device = _model_device(model)
     if not _same_device(model_device, device):
@@ -564,7 +419,7 @@ def evaluate_encoder(
             f"device={str(device)!r} but the model is on {model_device}; move it first "
             f"(model.to({str(device)!r})) or pass device={str(model_device)!r}"
         )
-    ctx = _EvalContext(model, train_loader, val_loader, device, seed, num_classes)
+    ctx = _EvalContext(model, train_loader, val_loader, device, seed)
     results: dict[str, float] = {}
     with _eval_mode(model):
         for method in dict.fromkeys(methods):

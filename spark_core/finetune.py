@@ -11,6 +11,10 @@ numbers), written here for timm's own ResNet and ConvNeXt parameter names:
   :func:`finetune_param_groups` the parameter groups with their ``lr_scale`` and weight decay.
 * :func:`finetune_lr`: the per-iteration learning rate (linear warm-up from 0.005 x peak, then
   cosine to 0.001 x peak); weight decay is constant.
+* timm's building blocks set up as the reference does: :func:`train_transform` and
+  :func:`eval_transform`, :func:`build_mixup` (Mixup/CutMix with label smoothing),
+  :func:`build_criterion` (BCE for LAMB, soft-target CE for AdamW) and
+  :func:`build_finetune_optimizer` (timm ``Lamb``/``AdamW`` with the reference's arguments).
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data.auto_augment import AutoAugment
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.models import split_model_name_tag
+from timm.optim import Lamb
 from torch import nn
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from spark_core.backbones import resolve_family
 
@@ -33,6 +44,16 @@ FINAL_LR_FRACTION = 0.001
 # Names that never take weight decay besides 1-D parameters and biases (ConvNeXt's layer
 # scale is ``gamma``; the others are ViT-style tokens, kept for parity with the reference).
 NO_DECAY_NAME_PARTS = ("cls_token", "pos_embed", "mask_token", "gamma")
+# Evaluation crops the centre 95 % after a bicubic resize (data.py); from this size on the
+# reference squashes to a square instead, and keeps timm's AutoAugment for training.
+EVAL_CROP_PCT = 0.95
+LARGE_INPUT = 384
+# The reference's RandomErasing: after normalisation, per-pixel noise, one box (data.py).
+RANDOM_ERASING = MappingProxyType({"re_prob": 0.25, "re_mode": "pixel", "re_count": 1})
+# timm Lamb as util.py builds it: no clipping inside (1e7), trust ratio on every group,
+# no bias correction; betas and eps are timm's defaults.
+LAMB_ARGS = MappingProxyType({"max_grad_norm": 1e7, "always_adapt": True, "bias_correction": False})
+OPTIMIZER_NAMES = ("lamb", "adamw")
 
 
 @dataclass(frozen=True)
@@ -246,12 +267,119 @@ def finetune_lr(step: int, warmup_steps: float, total_steps: int, peak_lr: float
     return final + (peak_lr - final) * (0.5 + 0.5 * math.cos(math.pi * progress))
 
 
+# ------------------------------------------------------------------- timm building blocks
+
+
+def train_transform(input_size: int) -> transforms.Compose:
+    """The reference's training transform, PIL image -> normalised ``(3, S, S)`` tensor.
+
+    timm's ImageNet training pipeline: RandomResizedCrop (scale 0.08-1, bicubic), horizontal
+    flip, AutoAugment ``v0`` -- replaced by torchvision's ``TrivialAugmentWide`` (bicubic)
+    below 384 px --, normalisation, RandomErasing (p 0.25, pixel mode). No colour jitter
+    (timm skips it when auto-augmenting).
+    """
+    pipeline = create_transform(
+        input_size,
+        is_training=True,
+        auto_augment="v0",
+        interpolation="bicubic",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        **RANDOM_ERASING,
+    )
+    if input_size < LARGE_INPUT:
+        pipeline.transforms = [
+            transforms.TrivialAugmentWide(interpolation=InterpolationMode.BICUBIC)
+            if isinstance(t, AutoAugment)
+            else t
+            for t in pipeline.transforms
+        ]
+    return pipeline
+
+
+def eval_transform(input_size: int) -> transforms.Compose:
+    """The reference's evaluation transform, PIL image -> normalised ``(3, S, S)`` tensor.
+
+    Below 384 px: bicubic resize of the shorter side to ``floor(S / 0.95)`` (224 -> 235),
+    centre crop ``S``. From 384 px: bicubic resize to ``(S, S)``, no crop.
+    """
+    if input_size < LARGE_INPUT:
+        return create_transform(
+            input_size, is_training=False, interpolation="bicubic", crop_pct=EVAL_CROP_PCT
+        )
+    return transforms.Compose(
+        [
+            transforms.Resize((input_size, input_size), interpolation=InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
+
+
+def build_mixup(recipe: FinetuneRecipe, num_classes: int) -> Mixup:
+    """timm ``Mixup`` with the reference's settings: every batch mixed, CutMix (alpha
+    ``recipe.cutmix``) half of the time, Mixup (alpha ``recipe.mixup``) otherwise, one lambda
+    per batch, label smoothing ``recipe.label_smoothing``. With ``mixup == 0`` the batch is not
+    mixed but the targets are still smoothed one-hot vectors, as in the reference.
+
+    Call it on an even batch (see :func:`even_batch`); targets come back ``(B, num_classes)``.
+    """
+    mixup = Mixup(
+        mixup_alpha=recipe.mixup,
+        cutmix_alpha=recipe.cutmix,
+        prob=recipe.mixup_prob,
+        switch_prob=recipe.mixup_switch_prob,
+        mode="batch",
+        label_smoothing=recipe.label_smoothing,
+        num_classes=num_classes,
+    )
+    mixup.mixup_enabled = recipe.mixup > 0.0
+    return mixup
+
+
+def even_batch(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An odd batch gets its first sample prepended (the reference's ``BatchMixup``): batch
+    mixing pairs sample ``i`` with ``B - 1 - i`` and needs an even ``B``."""
+    if images.shape[0] % 2 == 0:
+        return images, labels
+    return torch.cat((images[:1], images)), torch.cat((labels[:1], labels))
+
+
+def build_criterion(recipe: FinetuneRecipe) -> nn.Module:
+    """The loss on mixed soft targets: binary cross-entropy (mean over ``B x classes``) for
+    the LAMB recipes, soft-target cross-entropy for the AdamW ones. Smoothing is already in
+    the targets (:func:`build_mixup`), so the BCE adds none."""
+    if recipe.optimizer == "lamb":
+        return BinaryCrossEntropy(smoothing=0.0, target_threshold=None)
+    return SoftTargetCrossEntropy()
+
+
+def build_finetune_optimizer(
+    groups: list[dict[str, Any]], recipe: FinetuneRecipe
+) -> torch.optim.Optimizer:
+    """timm ``Lamb`` (:data:`LAMB_ARGS`) or torch ``AdamW`` (timm 0.5.4's ``AdamW``, which the
+    reference used, is the same algorithm with betas (0.9, 0.999), eps 1e-8) over the groups of
+    :func:`finetune_param_groups`; the engine writes each group's lr every step."""
+    if recipe.optimizer not in OPTIMIZER_NAMES:
+        raise ValueError(f"optimizer={recipe.optimizer!r}: use one of {', '.join(OPTIMIZER_NAMES)}")
+    plain = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    if recipe.optimizer == "lamb":
+        return Lamb(plain, lr=0.0, weight_decay=0.0, **LAMB_ARGS)
+    return torch.optim.AdamW(plain, lr=0.0, weight_decay=0.0, foreach=True)
+
+
 __all__ = [
     "FINETUNE_RECIPES",
     "FinetuneRecipe",
+    "build_criterion",
+    "build_finetune_optimizer",
+    "build_mixup",
+    "eval_transform",
+    "even_batch",
     "finetune_lr",
     "finetune_param_groups",
     "finetune_recipe",
     "layer_id",
     "takes_weight_decay",
+    "train_transform",
 ]

@@ -20,7 +20,6 @@ from spark_core.evaluate import (
     EVAL_METHODS,
     evaluate_encoder,
     extract_features,
-    finetune_top1,
     knn_top1,
     linear_probe,
     spark_feature_fn,
@@ -136,42 +135,6 @@ def test_evaluate_encoder_returns_scores_and_restores_mode(tiny_loaders) -> None
     assert all(0.0 <= v <= 100.0 for v in scores.values())
     assert model.training and not model.encoder.model.bn1.training
     assert model.encoder.model.layer1.training
-
-
-def _colour_batches(seed: int, batches: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Noise images whose class is which of red or blue is brighter: learnable at a glance."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(batches):
-        labels = torch.arange(8) % 2
-        images = torch.randn(8, 3, TEST_SIZE, TEST_SIZE, generator=g)
-        images[:, 0] += torch.where(labels == 0, 1.5, -1.5).view(-1, 1, 1)
-        images[:, 2] -= torch.where(labels == 0, 1.5, -1.5).view(-1, 1, 1)
-        out.append((images, labels))
-    return out
-
-
-def test_finetune_learns_and_is_deterministic_for_a_seed() -> None:
-    state = encoder_state_dict(small_model())
-    train, val = _colour_batches(seed=0), _colour_batches(seed=1, batches=2)
-    accuracy = finetune_top1(state, "resnet18", train, val, num_classes=2, epochs=2, seed=3)
-    assert accuracy >= 90.0  # chance is 50
-    again = finetune_top1(state, "resnet18", train, val, num_classes=2, epochs=2, seed=3)
-    assert again == accuracy
-
-
-def test_finetune_accepts_image_folder_loaders(tiny_loaders) -> None:
-    train, val = tiny_loaders
-    acc = finetune_top1(encoder_state_dict(small_model()), "resnet18", train, val, num_classes=2)
-    assert 0.0 <= acc <= 100.0
-
-
-def test_finetune_rejects_foreign_weights(tiny_loaders) -> None:
-    train, val = tiny_loaders
-    state = dict(encoder_state_dict(small_model()))
-    state["not.a.layer"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"not\.a\.layer"):
-        finetune_top1(state, "resnet18", train, val, num_classes=2)
 
 
 def test_unknown_method_raises(tiny_loaders) -> None:

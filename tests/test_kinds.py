@@ -37,6 +37,12 @@ SWEEP: dict[str, Any] = {
     "seeds": [0, 1],
     "metric": "final_loss",
 }
+FINETUNE: dict[str, Any] = {
+    "name": "kinds-finetune",
+    "model": {"backbone": "resnet18", "input_size": 64},
+    "weights": {"kind": "none"},
+    "data": {"train": {"kind": "synthetic", "count": 32, "size": 64, "classes": 2}},
+}
 
 
 def _constants(node: ast.AST) -> set[object]:
@@ -98,13 +104,16 @@ def test_each_kind_has_its_entrypoint_module(name: str) -> None:
 
 
 def test_unknown_kind_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="use one of pretrain, sweep"):
+    with pytest.raises(ValueError, match="use one of pretrain, finetune, sweep"):
         get_kind("finetune-ish")
 
 
 def test_spec_documents_are_recognised_by_their_keys() -> None:
     assert detect_kind(PRETRAIN).name == "pretrain"
     assert detect_kind(SWEEP).name == "sweep"
+    # A fine-tune spec has data too: the kind with all of its marker keys present wins.
+    assert detect_kind(FINETUNE).name == "finetune"
+    assert detect_kind({"weights": {"kind": "none"}}).name == "finetune"
     assert detect_kind({}).name == "pretrain"  # validated as the first kind: names what's missing
     with pytest.raises(SpecError, match="cannot tell the job kind"):
         detect_kind({**PRETRAIN, "base": PRETRAIN})

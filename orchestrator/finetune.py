@@ -1,0 +1,423 @@
+"""One fine-tuning job: the paper's downstream protocol on Ray Train, tracked in one MLflow run.
+
+:func:`run_finetune` resolves where the weights come from (a pre-training job or MLflow run
+of this service, a file under the data roots, or none), checks that they fit the classifier
+before anything starts, opens (or reopens) the job's MLflow run, fits a ``TorchTrainer``
+named after the job id whose workers run :class:`spark_core.finetune_engine.FinetuneEngine`,
+then logs the best and last weights, the whole last checkpoint and the fine-tuned classifier
+as an MLflow model (loadable with ``mlflow.pytorch.load_model``), and links the run and its
+source pre-training run both ways.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.cluster import ray_session
+from orchestrator.datasets import finetune_datasets
+from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
+from orchestrator.pretrain import fit_interruptibly
+from orchestrator.settings import OrchestratorSettings
+from orchestrator.specs import JOB_ID_TAG, FinetuneSpec, ship, unship
+from orchestrator.tracking import (
+    GLOBAL_BATCH_TAG,
+    RESUMED_AT_STEP,
+    TOTAL_STEPS_TAG,
+    MetricsLogger,
+    RunRef,
+    client_for,
+    end_run,
+    log_file,
+    log_metrics,
+    open_job_run,
+    set_tags,
+)
+from orchestrator.training import build_trainer, threads_per_worker, worker_device
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_CHECKPOINT_FILE = "finetune.pt"
+SOURCE_RUN_TAG = "sparkorch.source_run_id"
+SOURCE_TAG = "sparkorch.source"
+# On the source pre-training run: one tag per fine-tune, the value its run id.
+FINETUNE_TAG_PREFIX = "sparkorch.finetune."
+MODEL_NAME = "classifier"
+WEIGHTS_ARTIFACT_DIR = "weights"
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+
+
+@dataclass
+class FinetuneResult:
+    job_id: str
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    epochs: int = 0
+    steps: int = 0
+    wall_time_s: float = 0.0
+    source: str = ""
+    model_uri: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """Where a job's weights are, as plain data every worker can read them from: an MLflow
+    run's encoder artifact, a file under the data roots, or nothing (from scratch)."""
+
+    kind: str  # "mlflow_run" | "file" | "none"
+    ref: str = ""
+    tracking_uri: str = ""
+
+    def describe(self) -> str:
+        return {"mlflow_run": f"MLflow run {self.ref}", "file": self.ref}.get(
+            self.kind, "none (from scratch)"
+        )
+
+    def read(self) -> dict[str, torch.Tensor] | None:
+        """The state dict (never unpickling objects), or None for from scratch."""
+        from spark_core.weights import read_weights_file
+
+        if self.kind == "none":
+            return None
+        if self.kind == "file":
+            return read_weights_file(self.ref)
+        from orchestrator.tracking import export_encoder_artifact
+
+        with tempfile.TemporaryDirectory(prefix="sparkorch-weights-") as folder:
+            path = export_encoder_artifact(self.tracking_uri, self.ref, Path(folder))
+            return read_weights_file(path)
+
+
+def find_job_run_id(tracking_uri: str, job_id: str) -> str:
+    """The MLflow run of a job of this service (searched in every experiment by its tag)."""
+    client = client_for(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, filter_string=f"tags.{JOB_ID_TAG} = '{job_id}'", max_results=2
+    )
+    if not runs:
+        raise ValueError(
+            f"weights.job_id: no MLflow run of job {job_id!r} (was it a pre-training job of "
+            "this service, and has it started?)"
+        )
+    return runs[0].info.run_id
+
+
+def resolve_weights(spec: FinetuneSpec, settings: OrchestratorSettings) -> ResolvedWeights:
+    source = spec.weights
+    if source.kind == "pretrain_job":
+        run_id = find_job_run_id(settings.tracking_uri, source.job_id)
+        return ResolvedWeights("mlflow_run", run_id, settings.tracking_uri)
+    if source.kind == "mlflow_run":
+        return ResolvedWeights("mlflow_run", source.run_id, settings.tracking_uri)
+    if source.kind == "file":
+        return ResolvedWeights("file", source.path)
+    return ResolvedWeights("none")
+
+
+def build_classifier(spec: FinetuneSpec, num_classes: int, drop_path: float) -> torch.nn.Module:
+    """``timm.create_model(backbone, num_classes, drop_path_rate)``, seeded by the spec."""
+    import timm
+
+    torch.manual_seed(spec.seed)
+    return timm.create_model(
+        spec.model.backbone, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path
+    )
+
+
+def check_weights(spec: FinetuneSpec, weights: ResolvedWeights) -> Any:
+    """Load the weights into the classifier once on the driver, before any worker starts:
+    a wrong file fails the job at once, naming the keys (see ``spark_core.weights``)."""
+    from spark_core.weights import load_source_weights
+
+    model = build_classifier(spec, num_classes=2, drop_path=0.0)
+    return load_source_weights(model, weights.read(), source=weights.describe())
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+@dataclass(frozen=True)
+class FinetuneWorkerConfig:
+    """Everything a worker needs, as plain data (Ray pickles it to every worker)."""
+
+    spec: dict[str, Any]
+    job_id: str
+    run: dict[str, str]
+    dataset_cache: str
+    weights: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class EpochReporter:
+    """Engine callback on every rank: ``ray.train.report`` each epoch (a barrier); rank 0
+    attaches the training state every ``every`` epochs and at the last."""
+
+    def __init__(self, rank: int, every: int, total_epochs: int) -> None:
+        self.rank, self.every, self.total_epochs = rank, every, total_epochs
+
+    def on_step(self, metrics: Any) -> None:
+        return None
+
+    def on_epoch_end(self, engine: Any, m: Any) -> None:
+        import ray.train
+
+        metrics = {
+            "epoch": m.epoch + 1,
+            "step": m.step,
+            "loss": m.loss,
+            "finetune_top1": engine.summary.finetune_top1,
+        }
+        due = (m.epoch + 1) % self.every == 0 or m.epoch + 1 == self.total_epochs
+        if self.rank == 0 and due:
+            with tempfile.TemporaryDirectory(prefix="sparkorch-ckpt-") as folder:
+                engine.save(Path(folder) / FINETUNE_CHECKPOINT_FILE)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(folder),
+                    checkpoint_dir_name=f"epoch-{m.epoch + 1:05d}",
+                )
+        else:
+            ray.train.report(metrics)
+
+
+class EvalLogger:
+    """Rank 0: each epoch's training accuracy and lr, and the evaluation when there is one
+    (``val/top1``, ``val/top5``, ``val/ema_top1``, ``val/ema_top5``, ``val/best_top1``),
+    at step = epochs done."""
+
+    def __init__(self, ref: RunRef) -> None:
+        self.ref = ref
+
+    def on_step(self, metrics: Any) -> None:
+        return None
+
+    def on_epoch_end(self, engine: Any, m: Any) -> None:
+        values = {"epoch/train_top1": m.train_top1, "epoch/lr": m.lr}
+        if m.eval is not None:
+            values.update({f"val/{k}": v for k, v in asdict(m.eval).items()})
+            values["val/best_top1"] = engine.summary.finetune_top1
+        log_metrics(self.ref, values, step=m.epoch + 1)
+
+
+def finetune_worker(config: dict[str, Any]) -> None:
+    """The ``train_loop_per_worker`` of a fine-tuning job's ``TorchTrainer``."""
+    import ray.train
+
+    from spark_core.finetune_engine import FinetuneConfig, FinetuneEngine
+    from spark_core.weights import load_source_weights
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    worker = FinetuneWorkerConfig(**config)
+    spec: FinetuneSpec = unship(worker.spec)
+    rank = ray.train.get_context().get_world_rank()
+    threads_per_worker(spec.resources.cpus_per_worker)
+    train, val, classes = finetune_datasets(spec, Path(worker.dataset_cache))
+    recipe, _ = spec.effective_recipe()
+    model = build_classifier(spec, len(classes), recipe.drop_path)
+    weights = ResolvedWeights(**worker.weights)
+    load_source_weights(model, weights.read(), source=weights.describe())
+    ref = RunRef(**worker.run)
+    callbacks: list[Any] = []
+    if rank == 0:
+        callbacks += [MetricsLogger(ref, log_every=spec.runtime.log_every), EvalLogger(ref)]
+    callbacks.append(EpochReporter(rank, spec.checkpoint.every_epochs, recipe.epochs))
+    config_ = FinetuneConfig(
+        backbone=spec.model.backbone,
+        num_classes=len(classes),
+        recipe=recipe,
+        precision=spec.runtime.precision,
+        channels_last=spec.runtime.channels_last,
+        compile=spec.runtime.compile,
+        seed=spec.seed,
+        log_every=spec.runtime.log_every,
+        loader_workers=spec.data.loader_workers,
+        device=str(worker_device(spec.resources.gpus_per_worker > 0)),
+    )
+    engine = FinetuneEngine(model, config_, callbacks=callbacks)
+    if rank == 0:
+        steps = engine.steps_per_epoch(train) * recipe.epochs
+        set_tags(ref, {TOTAL_STEPS_TAG: str(steps), GLOBAL_BATCH_TAG: str(engine.global_batch)})
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.resume(Path(folder) / FINETUNE_CHECKPOINT_FILE)
+        if rank == 0:
+            log_metrics(ref, {RESUMED_AT_STEP: engine.global_step}, step=engine.global_step)
+    engine.fit(train, val)
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def _log_model(ref: RunRef, spec: FinetuneSpec, state: dict[str, Any]) -> str:
+    """Log the best classifier as an MLflow PyTorch model with an input signature; returns
+    its ``models:/`` URI.
+
+    MLflow's default ``pt2`` format: a ``torch.export`` program (loading it unpickles
+    nothing), with a dynamic batch dimension (the example batch has 2 images)."""
+    import mlflow
+    import timm
+    from mlflow.models import infer_signature
+
+    config = state["config"]
+    model = build_classifier(spec, config["num_classes"], 0.0)
+    model.load_state_dict(state["best"] or state["model"])
+    model.eval()
+    size = spec.model.input_size
+    example = torch.zeros(2, 3, size, size)
+    with torch.no_grad():
+        output = model(example)
+    example, output = example.numpy(), output.numpy()
+    signature = infer_signature(example, output)
+    mlflow.set_tracking_uri(ref.tracking_uri)  # this driver process only tracks this job
+    info = mlflow.pytorch.log_model(
+        model,
+        name=MODEL_NAME,
+        signature=signature,
+        input_example=example,
+        run_id=ref.run_id,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+        registered_model_name=spec.name if spec.tracking.register_model else None,
+    )
+    return info.model_uri
+
+
+def _log_results(ref: RunRef, spec: FinetuneSpec, checkpoint: Any) -> tuple[dict, str]:
+    """Log the last checkpoint, the best weights and the MLflow model; returns (state, uri)."""
+    from spark_core.checkpoint import save_weights
+    from spark_core.finetune_engine import read_finetune_checkpoint
+
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / FINETUNE_CHECKPOINT_FILE
+        state = read_finetune_checkpoint(path)
+        log_file(ref, path, CHECKPOINT_ARTIFACT_DIR)
+    summary = state["extra"]["summary"]
+    with tempfile.TemporaryDirectory(prefix="sparkorch-finetuned-") as folder:
+        for name, weights in (("best", state["best"]), ("last", state["model"])):
+            if weights is None:
+                continue
+            file = Path(folder) / f"{spec.model.backbone}-finetuned-{name}.safetensors"
+            metadata = {"backbone": spec.model.backbone, "source": summary["best_source"]}
+            save_weights(weights, file, metadata)
+            log_file(ref, file, WEIGHTS_ARTIFACT_DIR)
+    return state, _log_model(ref, spec, state)
+
+
+def _link_source(ref: RunRef, weights: ResolvedWeights) -> None:
+    """Tag the fine-tune with its source run, and the source with this fine-tune."""
+    tags = {SOURCE_TAG: weights.describe()}
+    if weights.kind == "mlflow_run":
+        tags[SOURCE_RUN_TAG] = weights.ref
+        client_for(ref.tracking_uri).set_tag(weights.ref, FINETUNE_TAG_PREFIX + ref.run_id, "1")
+    set_tags(ref, tags)
+
+
+def _fit_and_finish(
+    spec: FinetuneSpec,
+    job_id: str,
+    ref: RunRef,
+    settings: OrchestratorSettings,
+    weights: ResolvedWeights,
+) -> FinetuneResult:
+    start = time.perf_counter()
+    worker = FinetuneWorkerConfig(
+        spec=ship(spec, settings.allowed_data_roots),
+        job_id=job_id,
+        run={"tracking_uri": ref.tracking_uri, "experiment_id": ref.experiment_id,
+             "run_id": ref.run_id},
+        dataset_cache=str(settings.dataset_cache),
+        weights=asdict(weights),
+    )  # fmt: skip
+    trainer = build_trainer(
+        finetune_worker, worker.to_dict(), spec, job_id=job_id, settings=settings
+    )
+    result = fit_interruptibly(trainer)
+    if result.checkpoint is None:
+        raise RuntimeError("the fine-tuning ended without a checkpoint")
+    state, model_uri = _log_results(ref, spec, result.checkpoint)
+    extra = state["extra"]
+    summary = extra["summary"]
+    metrics = {
+        k: float(v)
+        for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    metrics.update({f"last_{k}": v for k, v in (summary.get("last") or {}).items()})
+    epochs = int(extra["epoch"])
+    log_metrics(ref, {f"final/{k}": v for k, v in metrics.items()}, step=epochs)
+    set_tags(ref, {"sparkorch.best_source": summary["best_source"]})
+    return FinetuneResult(
+        job_id=job_id,
+        run_id=ref.run_id,
+        experiment_id=ref.experiment_id,
+        tracking_uri=ref.tracking_uri,
+        status="FINISHED",
+        metrics=metrics,
+        epochs=epochs,
+        steps=int(extra["global_step"]),
+        wall_time_s=time.perf_counter() - start,
+        source=weights.describe(),
+        model_uri=model_uri,
+    )
+
+
+def run_finetune(
+    spec: FinetuneSpec,
+    *,
+    job_id: str | None = None,
+    settings: OrchestratorSettings | None = None,
+    on_run_open: Any = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> FinetuneResult:
+    """Run (or resume) one fine-tuning job to the end; see the module docstring.
+
+    Raises:
+        ValueError: the weights cannot be found or do not fit the classifier (before any
+            run is opened).
+        JobCancelled / KeyboardInterrupt / SystemExit: the run is ended KILLED, then the
+            error re-raised; anything else ends it FAILED.
+    """
+    settings = settings or OrchestratorSettings()
+    job_id = check_job_id(job_id or new_job_id())
+    weights = resolve_weights(spec, settings)
+    report = check_weights(spec, weights)
+    ref, reopened = open_job_run(
+        spec, job_id, settings, parent_run_id=parent_run_id, extra_tags=extra_tags
+    )
+    if reopened:
+        logger.info("job %s ran before: resuming MLflow run %s", job_id, ref.run_id)
+    else:
+        _link_source(ref, weights)
+        set_tags(ref, {"sparkorch.kind": "finetune", "sparkorch.weights_layout": report.layout})
+    if on_run_open is not None:
+        on_run_open(job_id, ref)
+    status = "FAILED"
+    try:
+        with ray_session(settings):
+            result = _fit_and_finish(spec, job_id, ref, settings, weights)
+        status = "FINISHED"
+        return result
+    except (JobCancelled, KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        end_run(ref, status)

@@ -1,0 +1,138 @@
+"""Fine-tuning jobs on a real local Ray cluster, tracked in a real MLflow store.
+
+A tiny pre-training job exports its encoder; a two-worker fine-tuning job (DDP over gloo)
+takes it by job id, runs the paper's protocol and leaves its record: per-epoch metrics, the
+two-way link to the source run, weights, checkpoint and an MLflow model loadable by URI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+from conftest import RayTestCluster
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from orchestrator.finetune import FINETUNE_TAG_PREFIX, SOURCE_RUN_TAG, run_finetune
+from orchestrator.kinds import get_kind
+from orchestrator.pretrain import run_pretrain
+from orchestrator.specs import SpecError
+
+pytestmark = pytest.mark.slow
+
+TRAIN_IMAGES = 80  # 64 fine-tuned on, 16 held out (val_fraction 0.2)
+
+
+def finetune_spec(cluster: RayTestCluster, weights: dict[str, Any], **sections: Any):
+    data: dict[str, Any] = {
+        "name": "tiny-finetune",
+        "model": {"backbone": "resnet18", "input_size": 64},
+        "weights": weights,
+        "data": {"train": {"kind": "synthetic", "count": TRAIN_IMAGES, "size": 64, "classes": 4}},
+        "recipe": {"batch_size": 16, "epochs": 2, "warmup_epochs": 1, "base_lr": 0.05},
+        "runtime": {"log_every": 2},
+        "resources": {"num_workers": 2},
+        **sections,
+    }
+    return get_kind("finetune").parse(data, data_roots=cluster.settings.allowed_data_roots)
+
+
+@pytest.fixture(scope="module")
+def pretrained_job(ray_cluster: RayTestCluster) -> str:
+    """A one-epoch pre-training job of ResNet-18 (its encoder is the fine-tune's source)."""
+    spec = get_kind("pretrain").parse(
+        {
+            "name": "tiny-source",
+            "model": {"backbone": "resnet18", "input_size": 64},
+            "spark": {"decoder_width": 64},
+            "data": {"train": {"kind": "synthetic", "count": 32, "size": 64, "classes": 4}},
+            "optim": {"global_batch_size": 16, "epochs": 1, "warmup_epochs": 0, "log_every": 1},
+            "evaluation": {"method": "none"},
+            "tracking": {"reconstruction_every": 0},
+        },
+        data_roots=ray_cluster.settings.allowed_data_roots,
+    )
+    run_pretrain(spec, job_id="finetune-source", settings=ray_cluster.settings)
+    return "finetune-source"
+
+
+def test_finetune_job_from_a_pretraining_job_leaves_a_complete_record(
+    ray_cluster: RayTestCluster, pretrained_job: str
+) -> None:
+    spec = finetune_spec(ray_cluster, {"kind": "pretrain_job", "job_id": pretrained_job})
+    result = run_finetune(spec, job_id="finetune-happy", settings=ray_cluster.settings)
+    assert result.status == "FINISHED" and result.epochs == 2
+    assert result.steps == 2 * 4  # 64 images / 2 workers = 32 each, batch 8 -> 4 per epoch
+
+    client = MlflowClient(ray_cluster.settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    # Both ways: the fine-tune names its source run, the source lists the fine-tune.
+    source_run_id = run.data.tags[SOURCE_RUN_TAG]
+    assert client.get_run(source_run_id).data.tags["job_id"] == pretrained_job
+    assert FINETUNE_TAG_PREFIX + result.run_id in client.get_run(source_run_id).data.tags
+    params = run.data.params
+    assert params["recipe.optimizer"] == "lamb" and params["recipe.table_row"] == "resnet50"
+    assert params["recipe.mixup"] == "0.1" and params["recipe.batch_size"] == "16"
+
+    # Evaluated after both epochs (2 // 3 = 0: every epoch is in the last two thirds).
+    for key in ("val/top1", "val/top5", "val/ema_top1", "val/ema_top5", "epoch/train_top1"):
+        history = client.get_metric_history(result.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    best = max(
+        m.value
+        for key in ("val/top1", "val/ema_top1")
+        for m in client.get_metric_history(result.run_id, key)
+    )
+    assert result.metrics["finetune_top1"] == pytest.approx(best)
+    assert run.data.metrics["final/finetune_top1"] == pytest.approx(best)
+    assert len(client.get_metric_history(result.run_id, "train/loss")) == 8
+
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "weights")}
+    assert artifacts == {
+        "weights/resnet18-finetuned-best.safetensors",
+        "weights/resnet18-finetuned-last.safetensors",
+    }
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoint")] == [
+        "checkpoint/finetune.pt"
+    ]
+
+    # The classifier as an MLflow model: loadable by URI, the best weights, 4 classes.
+    mlflow.set_tracking_uri(ray_cluster.settings.tracking_uri)
+    model = mlflow.pytorch.load_model(result.model_uri)  # a torch.export program
+    best_file = client.download_artifacts(
+        result.run_id, "weights/resnet18-finetuned-best.safetensors"
+    )
+    best_state = load_file(best_file)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, best_state[key]), key
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model(images).shape == (2, 4)
+    logged = mlflow.models.get_model_info(result.model_uri)
+    assert logged.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 64, 64)
+
+
+def test_weights_that_do_not_fit_fail_before_any_run_opens(
+    ray_cluster: RayTestCluster, tmp_path: Path
+) -> None:
+    import timm
+
+    data_root = Path(ray_cluster.settings.allowed_data_roots[0])
+    wrong = data_root / "resnet34.pth"
+    torch.save(timm.create_model("resnet34", num_classes=0).state_dict(), wrong)
+    spec = finetune_spec(ray_cluster, {"kind": "file", "path": str(wrong)})
+    with pytest.raises(ValueError, match=r"layer1\.2"):
+        run_finetune(spec, job_id="finetune-wrong", settings=ray_cluster.settings)
+    client = MlflowClient(ray_cluster.settings.tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, filter_string="tags.job_id = 'finetune-wrong'")
+
+
+def test_weight_files_outside_the_data_roots_are_refused(ray_cluster: RayTestCluster) -> None:
+    with pytest.raises(SpecError, match=r"weights.file.path.*outside the allowed data roots"):
+        finetune_spec(ray_cluster, {"kind": "file", "path": "/etc/passwd.pth"})

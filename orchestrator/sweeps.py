@@ -31,7 +31,15 @@ from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, ray_session
 from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.pretrain import fit_interruptibly, run_pretrain
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.specs import Distribution, SweepSpec, flatten, ship, unship
+from orchestrator.specs import (
+    FINETUNE_METRIC,
+    Distribution,
+    PretrainSpec,
+    SweepSpec,
+    flatten,
+    ship,
+    unship,
+)
 from orchestrator.tracking import (
     RunRef,
     client_for,
@@ -117,6 +125,12 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         trainer_callbacks=[_epoch_reporter(sweep.metric)],
     )
     final_loss = result.metrics.get("final/loss", math.nan)
+    if sweep.finetune is not None:
+        finetuned = _finetune_trial(sweep, spec, result, settings, roots)
+        final_metrics = {FINETUNE_METRIC: finetuned.metrics["finetune_top1"]}
+        final_metrics["finetune_run_id"] = finetuned.run_id
+    else:
+        final_metrics = {}
     final = {
         "loss": final_loss,  # the scheduler's metric must be in every report
         "final_loss": final_loss,
@@ -128,7 +142,40 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     for key, value in result.metrics.items():
         if key.startswith("eval/"):
             final[key.removeprefix("eval/")] = value
+    final.update(final_metrics)
     tune.report(final)
+
+
+def _finetune_trial(
+    sweep: SweepSpec,
+    trial: PretrainSpec,
+    pretrained: Any,
+    settings: OrchestratorSettings,
+    roots: list[str],
+) -> Any:
+    """Fine-tune the trial's encoder with the sweep's protocol section, in a run nested under
+    the trial's; a trial without pre-training (``optim.epochs: 0``) fine-tunes from scratch."""
+    from orchestrator.finetune import run_finetune
+
+    assert sweep.finetune is not None
+    weights = (
+        {"kind": "mlflow_run", "run_id": pretrained.run_id}
+        if trial.optim.epochs > 0
+        else {"kind": "none"}
+    )
+    spec = sweep.finetune.trial_spec(
+        trial, weights=weights, name=f"{trial.name}-finetune", context={"data_roots": roots}
+    )
+    result = run_finetune(
+        spec,
+        job_id=f"{pretrained.job_id[:61]}-ft",
+        settings=settings,
+        parent_run_id=pretrained.run_id,
+    )
+    # On the trial's run too: the sweep's live table shows its trials' eval/ metrics.
+    trial_ref = RunRef(pretrained.tracking_uri, pretrained.experiment_id, pretrained.run_id)
+    log_metrics(trial_ref, {f"eval/{FINETUNE_METRIC}": result.metrics["finetune_top1"]})
+    return result
 
 
 # ------------------------------------------------------------------------------ table

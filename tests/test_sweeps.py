@@ -180,23 +180,58 @@ def test_grid_sweep_gives_nested_runs_a_table_and_a_plot(
 
 
 @pytest.mark.slow
-def test_variant_sweep_reports_the_random_init_row(ray_cluster: RayTestCluster) -> None:
+def test_sweep_scored_by_fine_tuning_nests_each_fine_tune_under_its_trial(
+    ray_cluster: RayTestCluster,
+) -> None:
+    """Pre-train -> fine-tune per trial; the from-scratch row (no pre-training) fine-tunes
+    with the same budget from timm's initialisation."""
+    base = {**BASE, "evaluation": {"method": "none"}}
+    finetune = {
+        "data": {"train": {"kind": "synthetic", "count": 40, "size": 64, "classes": 4}},
+        "recipe": {"batch_size": 16, "epochs": 1, "warmup_epochs": 0, "base_lr": 0.05},
+    }
     sweep = parse_sweep(
         {
             "name": "variants",
-            "base": BASE,
-            "metric": "knn_top1",
-            "variants": {"reference": {}, "random-init": {"optim.epochs": 0}},
-            "max_concurrent_trials": 2,
+            "base": base,
+            "metric": "finetune_top1",
+            "variants": {"reference": {}, "scratch": {"optim.epochs": 0}},
+            "finetune": finetune,
+            "max_concurrent_trials": 1,
         },
         data_roots=ray_cluster.settings.allowed_data_roots,
     )
     result = run_sweep(sweep, job_id="sweep-variants", settings=ray_cluster.settings)
     rows = {r["variant"]: r for r in result.records}
-    assert set(rows) == {"reference", "random-init"}
-    assert rows["random-init"]["epochs"] == 0 and rows["reference"]["epochs"] == 2
+    assert set(rows) == {"reference", "scratch"}
+    assert rows["scratch"]["epochs"] == 0 and rows["reference"]["epochs"] == 2
     assert all(r["status"] == "FINISHED" for r in rows.values())
-    assert 0 <= rows["random-init"]["knn_top1"] <= 100
+    assert all(0 <= r["finetune_top1"] <= 100 for r in rows.values())
+
+    client = MlflowClient(ray_cluster.settings.tracking_uri)
+    trials = {r.data.tags["sparkorch.variant"]: r for r in children(ray_cluster, result.run_id)}
+    for variant, trial in trials.items():
+        (finetuned,) = client.search_runs(
+            [trial.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{trial.info.run_id}'",
+        )
+        assert finetuned.info.status == "FINISHED"
+        score = finetuned.data.metrics["final/finetune_top1"]
+        assert trial.data.metrics["eval/finetune_top1"] == score
+        assert rows[variant]["finetune_top1"] == round(score, 4)
+        source = finetuned.data.tags.get("sparkorch.source_run_id")
+        assert source == (trial.info.run_id if variant == "reference" else None)
+        assert finetuned.data.params["weights.kind"] == (
+            "mlflow_run" if variant == "reference" else "none"
+        )
+
+
+def test_finetune_metric_needs_a_finetune_section() -> None:
+    errors = sweep_errors({"base": BASE, "metric": "finetune_top1"})
+    assert "needs a finetune section" in errors["metric"]
+    bad = {"data": {"train": {"kind": "synthetic", "classes": 1}}}
+    errors = sweep_errors({"base": BASE, "metric": "finetune_top1", "finetune": bad})
+    assert "data.train.classes" in errors["finetune"]
 
 
 @pytest.mark.slow

@@ -34,6 +34,14 @@ SPEC: dict[str, Any] = {
     "tracking": {"reconstruction_every": 0},
 }
 
+FINETUNE_SPEC: dict[str, Any] = {
+    "name": "api-tiny-finetune",
+    "model": {"backbone": "resnet18", "input_size": 64},
+    "data": {"train": {"kind": "synthetic", "count": 30, "size": 64, "classes": 2}},
+    "recipe": {"batch_size": 12, "epochs": 1, "warmup_epochs": 0},
+    "resources": {"num_workers": 1},
+}
+
 
 def service_settings(ray_cluster: RayTestCluster, database_url: str | None) -> Any:
     return ray_cluster.settings.model_copy(
@@ -98,6 +106,29 @@ def test_a_job_runs_through_ray_and_reports_back(
 
         run = MlflowClient(settings.tracking_uri).get_run(job["mlflow_run_id"])
         assert run.data.tags["job_id"] == job_id and run.info.status == "FINISHED"
+
+        # Then fine-tune its encoder with the paper's protocol, also over REST.
+        finetune = {**FINETUNE_SPEC, "weights": {"kind": "pretrain_job", "job_id": job_id}}
+        created = client.post("/v1/jobs", json={"kind": "finetune", "spec": finetune})
+        assert created.status_code == 202, created.text
+        tuned_id = created.json()["id"]
+        tuned = wait_for(
+            lambda: job_state(client, tuned_id, ("SUCCEEDED", "FAILED", "CANCELLED")),
+            300,
+            "the fine-tuning job to end",
+        )
+        logs = client.get(f"/v1/jobs/{tuned_id}/logs", params={"tail": 500}).json()["lines"]
+        assert tuned["state"] == "SUCCEEDED", "\n".join(logs[-60:])
+        assert tuned["kind"] == "finetune"
+        progress = client.get(f"/v1/jobs/{tuned_id}/progress").json()
+        assert progress["step"] == progress["total_steps"] == 2  # 24 images / batch 12
+        results = client.get(f"/v1/jobs/{tuned_id}/results").json()
+        assert 0 <= results["metrics"]["final/finetune_top1"] <= 100
+        assert any(path.startswith("weights/") for path in results["artifacts"])
+        tuned_run = MlflowClient(settings.tracking_uri).get_run(tuned["mlflow_run_id"])
+        assert tuned_run.data.tags["sparkorch.source_run_id"] == job["mlflow_run_id"]
+        source_run = MlflowClient(settings.tracking_uri).get_run(job["mlflow_run_id"])
+        assert f"sparkorch.finetune.{tuned['mlflow_run_id']}" in source_run.data.tags
     assert ray_submissions(ray_cluster, job_id) == 1
     stored = JobStore(postgres_url).get(job_id)
     assert stored.state == "SUCCEEDED" and stored.owner == "alice"

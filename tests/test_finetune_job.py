@@ -1,8 +1,9 @@
 """Fine-tuning jobs on a real local Ray cluster, tracked in a real MLflow store.
 
-A tiny pre-training job exports its encoder; a two-worker fine-tuning job (DDP over gloo)
-takes it by job id, runs the paper's protocol and leaves its record: per-epoch metrics, the
-two-way link to the source run, weights, checkpoint and an MLflow model loadable by URI.
+A two-worker fine-tuning job (DDP over gloo) of an exported SparK encoder runs the paper's
+protocol and leaves its record: per-epoch metrics, weights, checkpoint and an MLflow model
+loadable by URI. (A fine-tune of a pre-training job by its id, with the two-way link between
+the runs, runs over REST in test_api_ray.py.)
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from conftest import RayTestCluster
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from orchestrator.finetune import FINETUNE_TAG_PREFIX, SOURCE_RUN_TAG, run_finetune
+from orchestrator.finetune import run_finetune
 from orchestrator.kinds import get_kind
-from orchestrator.pretrain import run_pretrain
 from orchestrator.specs import SpecError
+from spark_core import build_spark
+from spark_core.checkpoint import export_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -42,28 +44,18 @@ def finetune_spec(cluster: RayTestCluster, weights: dict[str, Any], **sections: 
 
 
 @pytest.fixture(scope="module")
-def pretrained_job(ray_cluster: RayTestCluster) -> str:
-    """A one-epoch pre-training job of ResNet-18 (its encoder is the fine-tune's source)."""
-    spec = get_kind("pretrain").parse(
-        {
-            "name": "tiny-source",
-            "model": {"backbone": "resnet18", "input_size": 64},
-            "spark": {"decoder_width": 64},
-            "data": {"train": {"kind": "synthetic", "count": 32, "size": 64, "classes": 4}},
-            "optim": {"global_batch_size": 16, "epochs": 1, "warmup_epochs": 0, "log_every": 1},
-            "evaluation": {"method": "none"},
-            "tracking": {"reconstruction_every": 0},
-        },
-        data_roots=ray_cluster.settings.allowed_data_roots,
-    )
-    run_pretrain(spec, job_id="finetune-source", settings=ray_cluster.settings)
-    return "finetune-source"
+def encoder_file(ray_cluster: RayTestCluster) -> Path:
+    """A SparK ResNet-18's exported encoder (timm layout) under the data root."""
+    torch.manual_seed(0)
+    model = build_spark("resnet18", 64, decoder_width=64)
+    path = Path(ray_cluster.settings.allowed_data_roots[0]) / "encoders" / "resnet18.safetensors"
+    return export_encoder(model, path)
 
 
-def test_finetune_job_from_a_pretraining_job_leaves_a_complete_record(
-    ray_cluster: RayTestCluster, pretrained_job: str
+def test_two_worker_finetune_job_leaves_a_complete_record(
+    ray_cluster: RayTestCluster, encoder_file: Path
 ) -> None:
-    spec = finetune_spec(ray_cluster, {"kind": "pretrain_job", "job_id": pretrained_job})
+    spec = finetune_spec(ray_cluster, {"kind": "file", "path": str(encoder_file)})
     result = run_finetune(spec, job_id="finetune-happy", settings=ray_cluster.settings)
     assert result.status == "FINISHED" and result.epochs == 2
     assert result.steps == 2 * 4  # 64 images / 2 workers = 32 each, batch 8 -> 4 per epoch
@@ -71,10 +63,8 @@ def test_finetune_job_from_a_pretraining_job_leaves_a_complete_record(
     client = MlflowClient(ray_cluster.settings.tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    # Both ways: the fine-tune names its source run, the source lists the fine-tune.
-    source_run_id = run.data.tags[SOURCE_RUN_TAG]
-    assert client.get_run(source_run_id).data.tags["job_id"] == pretrained_job
-    assert FINETUNE_TAG_PREFIX + result.run_id in client.get_run(source_run_id).data.tags
+    assert run.data.tags["sparkorch.source"] == str(encoder_file)
+    assert run.data.tags["sparkorch.weights_layout"] == "timm"
     params = run.data.params
     assert params["recipe.optimizer"] == "lamb" and params["recipe.table_row"] == "resnet50"
     assert params["recipe.mixup"] == "0.1" and params["recipe.batch_size"] == "16"

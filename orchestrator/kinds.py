@@ -83,6 +83,8 @@ class JobKind:
             ``sparkctl`` tells a spec file's kind).
         section: where, in the spec, the section with ``resources`` and ``failures`` sits
             (``()`` for the spec itself, ``("base",)`` for a sweep's base spec).
+        later_sections: optional sections with ``resources`` that each copy runs after
+            ``section`` (a sweep's ``finetune``); admission counts the largest.
         copies: how many runs of that section's resources it holds at once.
         copies_field: the spec field that sets ``copies``, for quota errors.
         describe: ``sparkctl validate``'s words about a valid spec (after "valid ").
@@ -107,6 +109,7 @@ class JobKind:
     details: Callable[[Any], dict[str, Any]] = _no_details
     poll_s: float = 2.0
     section: tuple[str, ...] = ()
+    later_sections: tuple[tuple[str, ...], ...] = ()
     copies: Callable[[Any], int] = _one
     copies_field: str | None = None
     progress_extra: Callable[[Mapping[str, Any], Any], dict[str, Any]] | None = None
@@ -131,16 +134,26 @@ class JobKind:
         return self.spec_type.model_json_schema()
 
     def size(self, spec: Any) -> JobSize:
-        """What the job holds at once (what admission checks against the quotas)."""
-        section = _attribute(spec, self.section)
-        prefix = "".join(f"{part}." for part in self.section)
-        resources = section.resources
+        """What the job holds at once (what admission checks against the quotas): for each
+        copy, the largest of the sections it runs one after the other (a sweep trial's
+        pre-training, then its fine-tuning)."""
+        held = []
+        for path in (self.section, *self.later_sections):
+            section = _attribute(spec, path)
+            if section is None:
+                continue
+            prefix = "".join(f"{part}." for part in path)
+            resources = section.resources
+            workers = resources.num_workers
+            held.append((workers, workers * resources.gpus_per_worker, prefix))
+        workers, _, workers_prefix = max(held, key=lambda h: h[0])
+        _, gpus, gpus_prefix = max(held, key=lambda h: h[1])
         return JobSize(
-            workers=resources.num_workers,
-            gpus=resources.num_workers * resources.gpus_per_worker,
+            workers=workers,
+            gpus=gpus,
             copies=self.copies(spec),
-            workers_field=f"{prefix}resources.num_workers",
-            gpus_field=f"{prefix}resources.gpus_per_worker",
+            workers_field=f"{workers_prefix}resources.num_workers",
+            gpus_field=f"{gpus_prefix}resources.gpus_per_worker",
             copies_field=self.copies_field,
         )
 
@@ -328,6 +341,7 @@ JOB_KINDS: Mapping[str, JobKind] = MappingProxyType(
                 live_view="orchestrator.progress:trial_table_view",
                 poll_s=5.0,
                 section=("base",),
+                later_sections=(("finetune",),),
                 copies=SweepSpec.concurrent_trials,
                 copies_field="max_concurrent_trials",
                 progress_extra=_sweep_progress,

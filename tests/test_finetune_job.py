@@ -8,12 +8,17 @@ the runs, runs over REST in test_api_ray.py.)
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pytest
 import torch
+import yaml
 from conftest import RayTestCluster
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -126,3 +131,57 @@ def test_weights_that_do_not_fit_fail_before_any_run_opens(
 def test_weight_files_outside_the_data_roots_are_refused(ray_cluster: RayTestCluster) -> None:
     with pytest.raises(SpecError, match=r"weights.file.path.*outside the allowed data roots"):
         finetune_spec(ray_cluster, {"kind": "file", "path": "/etc/passwd.pth"})
+
+
+def _run_checkpoints(cluster: RayTestCluster, job_id: str) -> bool:
+    snapshot = Path(cluster.settings.storage_path) / job_id / "checkpoint_manager_snapshot.json"
+    try:
+        return "epoch-0" in snapshot.read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.extended
+def test_a_stopped_finetune_job_resumes_under_the_same_id(
+    ray_cluster: RayTestCluster, encoder_file: Path, tmp_path: Path
+) -> None:
+    """SIGTERM ends the job KILLED after a checkpoint; the same job id then continues from
+    Ray Train's checkpoint in the same MLflow run and finishes every epoch."""
+    spec = finetune_spec(
+        ray_cluster,
+        {"kind": "file", "path": str(encoder_file)},
+        recipe={"batch_size": 16, "epochs": 4, "warmup_epochs": 1, "base_lr": 0.05},
+    )
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    job_id = "finetune-stop-resume"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobs.finetune", "--spec", str(spec_file), "--job-id", job_id],
+        env=ray_cluster.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not _run_checkpoints(ray_cluster, job_id) and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr[-3000:]
+    client = MlflowClient(ray_cluster.settings.tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (run,) = client.search_runs(experiments, filter_string=f"tags.job_id = '{job_id}'")
+    assert run.info.status == "KILLED"
+
+    result = run_finetune(spec, job_id=job_id, settings=ray_cluster.settings)
+    assert result.status == "FINISHED" and result.run_id == run.info.run_id
+    assert result.epochs == 4 and result.steps == 4 * 4
+    assert "train/resumed_at_step" in client.get_run(result.run_id).data.metrics
+    evaluated = client.get_metric_history(result.run_id, "val/top1")
+    assert {m.step for m in evaluated} >= {2, 3, 4}

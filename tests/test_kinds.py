@@ -131,6 +131,19 @@ def test_sweep_size_counts_what_tune_runs_at_once() -> None:
     only_variants = parse_sweep({**SWEEP, "cross_variants": False}, data_roots=[])
     assert only_variants.trial_count() == 2 * 2  # the search is not crossed with variants
     assert size.workers_field == "base.resources.num_workers"
+    # A trial fine-tunes after pre-training: admission counts the larger of the two.
+    tuned = {
+        **SWEEP,
+        "metric": "finetune_top1",
+        "finetune": {
+            "data": {"train": {"kind": "synthetic", "classes": 2}},
+            "resources": {"num_workers": 3, "gpus_per_worker": 1},
+        },
+    }
+    size = get_kind("sweep").size(parse_sweep(tuned, data_roots=[]))
+    assert (size.workers, size.gpus, size.total_workers) == (3, 3, 24)
+    assert size.workers_field == "finetune.resources.num_workers"
+    assert size.gpus_field == "finetune.resources.gpus_per_worker"
 
 
 def test_resubmission_policy_is_read_where_the_kind_keeps_it() -> None:

@@ -109,7 +109,8 @@ def finetune_datasets(spec: FinetuneSpec, cache: Path) -> tuple[Dataset, Dataset
     """``(train, val, class names)`` of a fine-tuning job, with the protocol's transforms.
 
     Without ``data.val`` the validation images are a stratified ``data.val_fraction`` of
-    ``data.train`` (seeded by the job's seed), never trained on.
+    ``data.train`` (seeded by ``data.split_seed``, so that the seeds of a sweep score on the
+    same images), never trained on.
 
     Raises:
         ValueError: a folder is not in the class layout, or train and val name different
@@ -121,7 +122,7 @@ def finetune_datasets(spec: FinetuneSpec, cache: Path) -> tuple[Dataset, Dataset
     train_root = materialize(spec.data.train, cache)
     train = _finetune_folder(train_root, train_transform(size), "data.train")
     if spec.data.val is None:
-        kept, held_out = split_train_val(train, spec.data.val_fraction, seed=spec.seed)
+        kept, held_out = split_train_val(train, spec.data.val_fraction, seed=spec.data.split_seed)
         evaluated = _finetune_folder(train_root, eval_transform(size), "data.train")
         return Subset(train, kept.indices), Subset(evaluated, held_out.indices), train.classes
     val = _finetune_folder(materialize(spec.data.val, cache), eval_transform(size), "data.val")

@@ -49,6 +49,7 @@ SOURCE_TAG = "sparkorch.source"
 # On the source pre-training run: one tag per fine-tune, the value its run id.
 FINETUNE_TAG_PREFIX = "sparkorch.finetune."
 MODEL_NAME = "classifier"
+MODEL_URI_TAG = "sparkorch.model_uri"
 WEIGHTS_ARTIFACT_DIR = "weights"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
@@ -97,9 +98,13 @@ class ResolvedWeights:
         if self.kind == "file":
             return read_weights_file(self.ref)
         from orchestrator.tracking import export_encoder_artifact
+        from spark_core.weights import WeightsError
 
         with tempfile.TemporaryDirectory(prefix="sparkorch-weights-") as folder:
-            path = export_encoder_artifact(self.tracking_uri, self.ref, Path(folder))
+            try:
+                path = export_encoder_artifact(self.tracking_uri, self.ref, Path(folder))
+            except FileNotFoundError as error:
+                raise WeightsError(f"weights: {error}") from None
             return read_weights_file(path)
 
 
@@ -200,8 +205,8 @@ class EpochReporter:
 
 class EvalLogger:
     """Rank 0: each epoch's training accuracy and lr, and the evaluation when there is one
-    (``val/top1``, ``val/top5``, ``val/ema_top1``, ``val/ema_top5``, ``val/best_top1``),
-    at step = epochs done."""
+    (``val/top1``, ``val/top5``, ``val/ema_top1``, ``val/ema_top5``, ``val/best_top1``), at
+    step = the 0-based epoch, as ``epoch/loss``."""
 
     def __init__(self, ref: RunRef) -> None:
         self.ref = ref
@@ -214,7 +219,7 @@ class EvalLogger:
         if m.eval is not None:
             values.update({f"val/{k}": v for k, v in asdict(m.eval).items()})
             values["val/best_top1"] = engine.summary.finetune_top1
-        log_metrics(self.ref, values, step=m.epoch + 1)
+        log_metrics(self.ref, values, step=m.epoch)
 
 
 def finetune_worker(config: dict[str, Any]) -> None:
@@ -300,8 +305,11 @@ def _log_model(ref: RunRef, spec: FinetuneSpec, state: dict[str, Any]) -> str:
     return info.model_uri
 
 
-def _log_results(ref: RunRef, spec: FinetuneSpec, checkpoint: Any) -> tuple[dict, str]:
-    """Log the last checkpoint, the best weights and the MLflow model; returns (state, uri)."""
+def _log_results(
+    ref: RunRef, spec: FinetuneSpec, checkpoint: Any, reopened: bool
+) -> tuple[dict, str]:
+    """Log the last checkpoint, the best weights and the MLflow model; returns (state, uri).
+    A job run again after it finished logs no second model (nor model version)."""
     from spark_core.checkpoint import save_weights
     from spark_core.finetune_engine import read_finetune_checkpoint
 
@@ -318,7 +326,12 @@ def _log_results(ref: RunRef, spec: FinetuneSpec, checkpoint: Any) -> tuple[dict
             metadata = {"backbone": spec.model.backbone, "source": summary["best_source"]}
             save_weights(weights, file, metadata)
             log_file(ref, file, WEIGHTS_ARTIFACT_DIR)
-    return state, _log_model(ref, spec, state)
+    logged = client_for(ref.tracking_uri).get_run(ref.run_id).data.tags.get(MODEL_URI_TAG)
+    if reopened and logged:
+        return state, logged
+    model_uri = _log_model(ref, spec, state)
+    set_tags(ref, {MODEL_URI_TAG: model_uri})
+    return state, model_uri
 
 
 def _link_source(ref: RunRef, weights: ResolvedWeights) -> None:
@@ -336,6 +349,7 @@ def _fit_and_finish(
     ref: RunRef,
     settings: OrchestratorSettings,
     weights: ResolvedWeights,
+    reopened: bool,
 ) -> FinetuneResult:
     start = time.perf_counter()
     worker = FinetuneWorkerConfig(
@@ -352,7 +366,7 @@ def _fit_and_finish(
     result = fit_interruptibly(trainer)
     if result.checkpoint is None:
         raise RuntimeError("the fine-tuning ended without a checkpoint")
-    state, model_uri = _log_results(ref, spec, result.checkpoint)
+    state, model_uri = _log_results(ref, spec, result.checkpoint, reopened)
     extra = state["extra"]
     summary = extra["summary"]
     metrics = {
@@ -413,7 +427,7 @@ def run_finetune(
     status = "FAILED"
     try:
         with ray_session(settings):
-            result = _fit_and_finish(spec, job_id, ref, settings, weights)
+            result = _fit_and_finish(spec, job_id, ref, settings, weights, reopened)
         status = "FINISHED"
         return result
     except (JobCancelled, KeyboardInterrupt, SystemExit):

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
-JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+MAX_JOB_ID_LENGTH = 64
+JOB_ID_PATTERN = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_JOB_ID_LENGTH - 1}}}$")
 # Exit codes of sparkctl and the job entrypoints: done 0, the job failed, bad input, cancelled.
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 1, 2, 130
 
@@ -26,6 +27,20 @@ class JobCancelled(Exception):  # reads as what happened
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
+
+
+def derived_job_id(parent: str, suffix: str) -> str:
+    """``<parent>-<suffix>`` within the 64-character limit, unique per (parent, suffix): when
+    too long, the parent is shortened and a hash of the whole id keeps it apart from others
+    that share the kept prefix."""
+    import hashlib
+
+    full = f"{parent}-{suffix}"
+    if len(full) <= MAX_JOB_ID_LENGTH:
+        return full
+    digest = hashlib.sha1(full.encode()).hexdigest()[:10]
+    keep = MAX_JOB_ID_LENGTH - len(digest) - len(suffix) - 2
+    return f"{parent[:keep]}-{digest}-{suffix}"
 
 
 def check_job_id(job_id: str) -> str:

@@ -67,10 +67,13 @@ def _charset(pattern: str, rule: str):
     return AfterValidator(check)
 
 
-NAME_RULE = "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+NAME_MAX_LENGTH = 64
+NAME_RULE = (
+    f"use 1-{NAME_MAX_LENGTH} letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
 Name = Annotated[
     str,
-    _charset(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", NAME_RULE),
+    _charset(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX_LENGTH - 1}}}", NAME_RULE),
     Field(description=NAME_RULE),
 ]
 
@@ -556,6 +559,7 @@ class PretrainSpec(_Strict):
 # ---------------------------------------------------------------------------- fine-tuning
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt")
+FINETUNE_NAME_SUFFIX = "-finetune"
 
 
 class PretrainJobWeights(_Strict):
@@ -617,6 +621,9 @@ class FinetuneDataSpec(_Strict):
     train: DataSource
     val: DataSource | None = None
     val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
+    split_seed: int = Field(
+        default=0, ge=0, le=2**31 - 1, description="seeds the split: fixed across job seeds"
+    )
     loader_workers: int = Field(default=0, ge=0, le=32)
 
     @field_validator("train", "val", mode="before")
@@ -649,9 +656,10 @@ class RecipeSpec(_Strict):
 
 
 class RuntimeSpec(_Strict):
-    """How the steps run (not part of the recipe)."""
+    """How the steps run (not part of the recipe). bf16 autocast or fp32 (the reference's);
+    no fp16, which would need loss scaling."""
 
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
     log_every: int = Field(default=10, ge=1, le=10_000)
@@ -885,17 +893,14 @@ class DownstreamSpec(_Strict):
     failures: FailureSpec = Field(default_factory=FailureSpec)
 
     def trial_spec(
-        self,
-        trial: PretrainSpec,
-        *,
-        weights: dict[str, Any],
-        name: str,
-        context: Any = None,
+        self, trial: PretrainSpec, *, weights: dict[str, Any], context: Any = None
     ) -> FinetuneSpec:
-        """The fine-tuning job of one trial, from ``weights`` (a weights-source mapping)."""
+        """The fine-tuning job of one trial, from ``weights`` (a weights-source mapping);
+        named after the trial (``<trial name>-finetune``, shortened to fit)."""
         data = self.model_dump(mode="json", exclude={"input_size"})
         data.update(
-            name=name,
+            name=f"{trial.name[: NAME_MAX_LENGTH - len(FINETUNE_NAME_SUFFIX)]}"
+            f"{FINETUNE_NAME_SUFFIX}",
             seed=trial.seed,
             model={
                 "backbone": trial.model.backbone,
@@ -1025,9 +1030,7 @@ def _downstream_problem(sweep: SweepSpec, context: Any) -> str:
     """Why the sweep's finetune section cannot fine-tune the base's encoder ('' if it can)."""
     assert sweep.finetune is not None
     try:
-        sweep.finetune.trial_spec(
-            sweep.base, weights={"kind": "none"}, name=sweep.base.name, context=context
-        )
+        sweep.finetune.trial_spec(sweep.base, weights={"kind": "none"}, context=context)
     except ValidationError as error:
         return "; ".join(f"{field_path(e['loc'])}: {_message(e['msg'])}" for e in error.errors())
     return ""

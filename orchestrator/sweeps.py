@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, ray_session
-from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
+from orchestrator.lifecycle import JobCancelled, check_job_id, derived_job_id, new_job_id
 from orchestrator.pretrain import fit_interruptibly, run_pretrain
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import (
@@ -118,7 +118,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     result = run_pretrain(
         spec,
-        job_id=f"{context['job_id']}-{trial_id}"[:64],
+        job_id=derived_job_id(context["job_id"], trial_id),
         settings=settings,
         parent_run_id=context["parent_run_id"],
         extra_tags={TRIAL_TAG: trial_id, VARIANT_TAG: variant or ""},
@@ -163,12 +163,10 @@ def _finetune_trial(
         if trial.optim.epochs > 0
         else {"kind": "none"}
     )
-    spec = sweep.finetune.trial_spec(
-        trial, weights=weights, name=f"{trial.name}-finetune", context={"data_roots": roots}
-    )
+    spec = sweep.finetune.trial_spec(trial, weights=weights, context={"data_roots": roots})
     result = run_finetune(
         spec,
-        job_id=f"{pretrained.job_id[:61]}-ft",
+        job_id=derived_job_id(pretrained.job_id, "ft"),
         settings=settings,
         parent_run_id=pretrained.run_id,
     )
@@ -423,8 +421,11 @@ def _close_orphan_children(ref: RunRef) -> None:
     """Trials stopped by the scheduler (or lost) never ended their own runs: end them."""
     client = client_for(ref.tracking_uri)
     for child in find_children(ref):
-        if child.info.status in ("RUNNING", "SCHEDULED"):
-            mark_stopped(client, child.info.run_id, "sweep ended")
+        # A trial's fine-tune run is nested under the trial's run.
+        nested = find_children(RunRef(ref.tracking_uri, ref.experiment_id, child.info.run_id))
+        for run in (child, *nested):
+            if run.info.status in ("RUNNING", "SCHEDULED"):
+                mark_stopped(client, run.info.run_id, "sweep ended")
 
 
 def _mark_stopped_trials(ref: RunRef, results: Any) -> None:

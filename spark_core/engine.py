@@ -272,10 +272,13 @@ class SampleSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        # (index, position): the same image drawn again in an epoch (repeated augmentation)
+        # gets its own augmentation, seeded by where it sits in the epoch.
+        index, *position = key if isinstance(key, tuple) else (key,)
         state = torch.default_generator.get_state()
         python_state = random.getstate()
-        seed = derive_seed(self.seed, self.epoch, index, 3)
+        seed = derive_seed(self.seed, self.epoch, index, 3, *position)
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:

@@ -30,7 +30,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +42,7 @@ from timm.data.distributed_sampler import RepeatAugSampler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from spark_core.checkpoint import atomic_write
 from spark_core.engine import PRECISIONS, SampleSeeded, StepMetrics, derive_seed, world_info
@@ -64,6 +64,29 @@ FINETUNE_CHECKPOINT_FORMAT = "spark_core/finetune-1"
 # otherwise round the epoch down to zero samples).
 REPEAT_AUG_ROUND = 256
 TOP_K = (1, 5)
+FINETUNE_PRECISIONS = ("fp32", "bf16")
+
+
+class PositionedSampler(Sampler[tuple[int, int]]):
+    """``(index, position in the epoch)`` of a rank's sampler, for :class:`SampleSeeded`.
+
+    timm's ``RepeatAugSampler`` deals the epoch's list (each index repeated) round-robin,
+    ``indices[rank::world]``, so the ``p``-th index of rank ``r`` sits at ``p * world + r``:
+    every repeat of an image gets its own augmentation, on whichever rank it lands.
+    """
+
+    def __init__(self, sampler: Any, rank: int, world_size: int) -> None:
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.sampler):
+            yield index, position * self.world_size + self.rank
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
 
 def evaluated_epochs(epochs: int) -> frozenset[int]:
@@ -103,8 +126,11 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes}: needs at least 1 class")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.precision not in FINETUNE_PRECISIONS:
+            raise ValueError(
+                f"precision={self.precision!r}: use one of {', '.join(FINETUNE_PRECISIONS)} "
+                "(fp16 would need loss scaling)"
+            )
         if self.recipe.epochs < 0 or self.recipe.batch_size < 1 or self.log_every < 1:
             raise ValueError("recipe.epochs >= 0, recipe.batch_size >= 1 and log_every >= 1")
 
@@ -266,7 +292,7 @@ class FinetuneEngine:
         seeded = SampleSeeded(dataset, self.config.seed)
         recipe = self.config.recipe
         if recipe.rep_aug > 0:
-            sampler: Any = RepeatAugSampler(
+            repeated = RepeatAugSampler(
                 seeded,
                 num_replicas=self.world_size,
                 rank=self.rank,
@@ -274,6 +300,7 @@ class FinetuneEngine:
                 num_repeats=recipe.rep_aug,
                 selected_round=REPEAT_AUG_ROUND if len(seeded) >= REPEAT_AUG_ROUND else 0,
             )
+            sampler: Any = PositionedSampler(repeated, self.rank, self.world_size)
         else:
             sampler = DistributedSampler(
                 seeded,
@@ -356,6 +383,7 @@ class FinetuneEngine:
         """
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        batch = images.shape[0]
         images, labels = even_batch(images, labels)
         images, targets = self.mixup(images, labels)
         if self.config.channels_last:
@@ -372,8 +400,12 @@ class FinetuneEngine:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model, step=self.global_step)
-        correct = (logits.argmax(dim=1) == targets.argmax(dim=1)).sum()
+        # A constant decay from the first step (the reference's ModelEmaV2); with a step,
+        # timm's V3 copies the model outright on the first two.
+        self.ema.update(self.model)
+        # The batch's own samples only (an odd batch's repeated first one is at the front).
+        own = slice(images.shape[0] - batch, None)
+        correct = (logits[own].argmax(dim=1) == targets[own].argmax(dim=1)).sum()
         return loss.detach(), correct, grad_norm.detach()
 
     # ------------------------------------------------------------------ epochs

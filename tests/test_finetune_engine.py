@@ -256,3 +256,16 @@ def test_rejects_a_checkpoint_of_another_model(images: Path, tmp_path: Path) -> 
     model = timm.create_model("resnet18", num_classes=5)
     with pytest.raises(ValueError, match="4 classes"):
         FinetuneEngine(model, other).resume(path)
+
+
+def test_repeated_augmentation_draws_each_repeat_anew(images: Path) -> None:
+    train, _ = datasets(images)
+    engine = new_engine(tiny_config(rep_aug=3))
+    loader = engine.train_loader(train)
+    engine._seed_epoch(loader, 0)
+    keys = list(loader.sampler)
+    assert [index for index, _ in keys[:3]] == [keys[0][0]] * 3  # one image, three times
+    assert [position for _, position in keys[:3]] == [0, 1, 2]
+    batch, labels = next(iter(loader))
+    assert labels[0] == labels[1] == labels[2]
+    assert not torch.equal(batch[0], batch[1]) and not torch.equal(batch[1], batch[2])

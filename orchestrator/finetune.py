@@ -292,7 +292,10 @@ def _log_model(ref: RunRef, spec: FinetuneSpec, state: dict[str, Any]) -> str:
         output = model(example)
     example, output = example.numpy(), output.numpy()
     signature = infer_signature(example, output)
-    mlflow.set_tracking_uri(ref.tracking_uri)  # this driver process only tracks this job
+    # This driver process only tracks this job. The model goes to the run's experiment
+    # (without it, MLflow puts logged models in the active experiment: "Default").
+    mlflow.set_tracking_uri(ref.tracking_uri)
+    mlflow.set_experiment(experiment_id=ref.experiment_id)
     info = mlflow.pytorch.log_model(
         model,
         name=MODEL_NAME,

@@ -110,6 +110,9 @@ def test_two_worker_finetune_job_leaves_a_complete_record(
     with torch.no_grad():
         assert model(images).shape == (2, 4)
     logged = mlflow.models.get_model_info(result.model_uri)
+    model_record = mlflow.get_logged_model(logged.model_id)
+    assert model_record.experiment_id == run.info.experiment_id  # not MLflow's "Default"
+    assert model_record.source_run_id == result.run_id
     assert logged.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 64, 64)
 
 

@@ -377,7 +377,8 @@ def _fit_and_finish(
         for k, v in summary.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-    metrics.update({f"last_{k}": v for k, v in (summary.get("last") or {}).items()})
+    for moment in ("initial", "last"):
+        metrics.update({f"{moment}_{k}": v for k, v in (summary.get(moment) or {}).items()})
     epochs = int(extra["epoch"])
     log_metrics(ref, {f"final/{k}": v for k, v in metrics.items()}, step=epochs)
     set_tags(ref, {"sparkorch.best_source": summary["best_source"]})

@@ -207,13 +207,16 @@ def test_summary_is_the_best_of_model_and_ema(images: Path, tmp_path: Path) -> N
     train, val = datasets(images)
     engine = new_engine(tiny_config(ema_decay=0.5))
     summary = engine.fit(train, val)
-    evaluated = [h["eval"] for h in engine.history if h["eval"]]
-    assert len(evaluated) == 2  # 2 epochs: both evaluated
+    after_epochs = [h["eval"] for h in engine.history if h["eval"]]
+    assert len(after_epochs) == 2  # 2 epochs: both evaluated
+    # As the reference, the evaluation before training counts too.
+    assert summary.initial is not None
+    evaluated = [dataclasses.asdict(summary.initial), *after_epochs]
     best = max(max(e["top1"], e["ema_top1"]) for e in evaluated)
     assert summary.finetune_top1 == best
     assert summary.best_model_top1 == max(e["top1"] for e in evaluated)
     assert summary.best_ema_top1 == max(e["ema_top1"] for e in evaluated)
-    assert summary.last is not None and summary.last.top1 == evaluated[-1]["top1"]
+    assert summary.last is not None and summary.last.top1 == after_epochs[-1]["top1"]
     # The best weights are those of the network that scored it.
     path = engine.save(tmp_path / "state.pt")
     state = read_finetune_checkpoint(path)

@@ -1,7 +1,8 @@
-"""``sparkctl``: validate specs, run pre-training on Ray, fetch results from MLflow.
+"""``sparkctl``: validate specs, run pre-training and fine-tuning on Ray, fetch results from MLflow.
 
     sparkctl validate SPEC            report spec errors by field (any job kind)
     sparkctl pretrain SPEC            run locally (or on RAY_ADDRESS) with a live progress line
+    sparkctl finetune SPEC            fine-tune with the paper's protocol (live progress line)
     sparkctl sweep SPEC               run an ablation sweep with a live table of trials
     sparkctl export RUN_ID OUT        download a run's timm-style encoder weights
     sparkctl schema [KIND|all]        print a job kind's spec JSON Schema (default pretrain)

@@ -220,8 +220,9 @@ def test_rate_limit_answers_429_with_retry_after(api_env: dict[str, Any]) -> Non
 
 def test_spec_schemas(alice: httpx.Client) -> None:
     schemas = alice.get("/v1/specs/schema").json()
-    assert set(schemas) == {"pretrain", "sweep"}
+    assert set(schemas) == {"pretrain", "finetune", "sweep"}
     assert "spark" in schemas["pretrain"]["properties"]
+    assert "weights" in schemas["finetune"]["properties"]
     assert "search" in schemas["sweep"]["properties"]
 
 

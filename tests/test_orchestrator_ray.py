@@ -165,6 +165,7 @@ def test_two_worker_job_learns_and_leaves_a_complete_mlflow_record(
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
 
 
+@pytest.mark.extended  # 65 s; tests/test_engine_ddp.py checks this equality without Ray
 def test_two_workers_match_one_worker_with_the_same_global_batch(
     ray_cluster: RayTestCluster,
 ) -> None:
@@ -337,6 +338,7 @@ def _train_workers() -> dict[str, str]:
     return {a.actor_id: a.node_id for a in actors}
 
 
+@pytest.mark.extended  # a second Ray node: a cluster rehearsal
 def test_workers_spread_over_two_nodes(ray_cluster: RayTestCluster) -> None:
     node = ray_cluster.cluster.add_node(num_cpus=2, object_store_memory=128 * 1024 * 1024)
     ray_cluster.cluster.wait_for_nodes()
@@ -411,6 +413,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             process.kill()
 
 
+@pytest.mark.extended  # an MLflow server process besides the cluster: 55 s
 def test_a_job_tracked_on_an_mlflow_server(
     ray_cluster: RayTestCluster, mlflow_server: str, tmp_path: Path
 ) -> None:

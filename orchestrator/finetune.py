@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from orchestrator.cluster import ray_session
 from orchestrator.datasets import finetune_datasets
 from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
-from orchestrator.pretrain import fit_interruptibly
+from orchestrator.pretrain import JobResult, fit_interruptibly
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import JOB_ID_TAG, FinetuneSpec, ship, unship
 from orchestrator.tracking import (
@@ -39,7 +39,12 @@ from orchestrator.tracking import (
     open_job_run,
     set_tags,
 )
-from orchestrator.training import build_trainer, threads_per_worker, worker_device
+from orchestrator.training import (
+    RayReporter,
+    build_trainer,
+    threads_per_worker,
+    worker_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +60,9 @@ CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
 
 @dataclass
-class FinetuneResult:
-    job_id: str
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    epochs: int = 0
-    steps: int = 0
-    wall_time_s: float = 0.0
+class FinetuneResult(JobResult):
     source: str = ""
     model_uri: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 # ------------------------------------------------------------------------------ weights
@@ -171,36 +164,14 @@ class FinetuneWorkerConfig:
         return asdict(self)
 
 
-class EpochReporter:
-    """Engine callback on every rank: ``ray.train.report`` each epoch (a barrier); rank 0
-    attaches the training state every ``every`` epochs and at the last."""
-
-    def __init__(self, rank: int, every: int, total_epochs: int) -> None:
-        self.rank, self.every, self.total_epochs = rank, every, total_epochs
-
-    def on_step(self, metrics: Any) -> None:
-        return None
-
-    def on_epoch_end(self, engine: Any, m: Any) -> None:
-        import ray.train
-
-        metrics = {
-            "epoch": m.epoch + 1,
-            "step": m.step,
-            "loss": m.loss,
-            "finetune_top1": engine.summary.finetune_top1,
-        }
-        due = (m.epoch + 1) % self.every == 0 or m.epoch + 1 == self.total_epochs
-        if self.rank == 0 and due:
-            with tempfile.TemporaryDirectory(prefix="sparkorch-ckpt-") as folder:
-                engine.save(Path(folder) / FINETUNE_CHECKPOINT_FILE)
-                ray.train.report(
-                    metrics,
-                    checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    checkpoint_dir_name=f"epoch-{m.epoch + 1:05d}",
-                )
-        else:
-            ray.train.report(metrics)
+def finetune_report(engine: Any, m: Any) -> dict[str, Any]:
+    """What a fine-tuning worker reports to Ray Train at an epoch's end."""
+    return {
+        "epoch": m.epoch + 1,
+        "step": m.step,
+        "loss": m.loss,
+        "finetune_top1": engine.summary.finetune_top1,
+    }
 
 
 class EvalLogger:
@@ -243,7 +214,15 @@ def finetune_worker(config: dict[str, Any]) -> None:
     callbacks: list[Any] = []
     if rank == 0:
         callbacks += [MetricsLogger(ref, log_every=spec.runtime.log_every), EvalLogger(ref)]
-    callbacks.append(EpochReporter(rank, spec.checkpoint.every_epochs, recipe.epochs))
+    callbacks.append(
+        RayReporter(
+            rank,
+            spec.checkpoint.every_epochs,
+            recipe.epochs,
+            checkpoint_file=FINETUNE_CHECKPOINT_FILE,
+            report=finetune_report,
+        )
+    )
     config_ = FinetuneConfig(
         backbone=spec.model.backbone,
         num_classes=len(classes),

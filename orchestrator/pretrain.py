@@ -35,7 +35,9 @@ CHECKPOINT_ARTIFACT_DIR = "checkpoint"
 
 
 @dataclass
-class PretrainResult:
+class JobResult:
+    """What a training job (pre-training, fine-tuning) ended with, and where it is tracked."""
+
     job_id: str
     run_id: str
     experiment_id: str
@@ -45,11 +47,15 @@ class PretrainResult:
     epochs: int = 0
     steps: int = 0
     wall_time_s: float = 0.0
-    encoder_artifact: str | None = None
-    checkpoint_path: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class PretrainResult(JobResult):
+    encoder_artifact: str | None = None
+    checkpoint_path: str | None = None
 
 
 def _trainer(

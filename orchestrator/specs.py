@@ -202,15 +202,17 @@ def check_backbone(backbone: str) -> str:
     return backbone
 
 
+Backbone = Annotated[
+    str, Field(max_length=64, pattern=r"^[a-z0-9_.]+$"), AfterValidator(check_backbone)
+]
+InputSize = Annotated[int, Field(ge=32, le=1024, multiple_of=PATCH_STRIDE)]
+
+
 class ModelSpec(_Strict):
     """The backbone and input resolution (timm names; see spark_core.BACKBONE_FAMILIES)."""
 
-    backbone: Annotated[
-        str,
-        Field(max_length=64, pattern=r"^[a-z0-9_.]+$"),
-        AfterValidator(check_backbone),
-    ] = "resnet50"
-    input_size: int = Field(default=224, ge=32, le=1024, multiple_of=PATCH_STRIDE)
+    backbone: Backbone = "resnet50"
+    input_size: InputSize = 224
     drop_path_rate: float | None = Field(
         default=None,
         ge=0.0,
@@ -606,12 +608,8 @@ WeightsSource = Annotated[
 class ClassifierSpec(_Strict):
     """The timm classifier to fine-tune (its classes come from the data)."""
 
-    backbone: Annotated[
-        str,
-        Field(max_length=64, pattern=r"^[a-z0-9_.]+$"),
-        AfterValidator(check_backbone),
-    ] = "resnet50"
-    input_size: int = Field(default=224, ge=32, le=1024, multiple_of=PATCH_STRIDE)
+    backbone: Backbone = "resnet50"
+    input_size: InputSize = 224
 
 
 class FinetuneDataSpec(_Strict):
@@ -882,9 +880,7 @@ class DownstreamSpec(_Strict):
     run nested under the trial's run, whose ``finetune_top1`` scores the trial. The backbone
     is the base spec's; a trial with ``optim.epochs: 0`` fine-tunes from scratch."""
 
-    input_size: int | None = Field(
-        default=None, ge=32, le=1024, multiple_of=PATCH_STRIDE, description="default: the base's"
-    )
+    input_size: InputSize | None = Field(default=None, description="default: the base's")
     data: FinetuneDataSpec
     recipe: RecipeSpec = Field(default_factory=RecipeSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)

@@ -53,31 +53,52 @@ class WorkerConfig:
         return asdict(self)
 
 
-class RayReporter:
-    """Engine callback: ``ray.train.report`` on every rank at every epoch end."""
+def pretrain_report(engine: Any, m: Any) -> dict[str, Any]:
+    """What a pre-training worker reports to Ray Train at an epoch's end."""
+    return {
+        "epoch": m.epoch + 1,
+        "step": m.step,
+        "loss": m.loss,
+        "epoch_time_s": m.epoch_time,
+        "images_per_sec": m.images_per_sec,
+    }
 
-    def __init__(self, rank: int, every: int, total_epochs: int) -> None:
+
+class RayReporter:
+    """Engine callback: ``ray.train.report`` on every rank at every epoch end (a barrier);
+    rank 0 attaches the engine's whole training state, saved as ``checkpoint_file``, every
+    ``every`` epochs and at the last one.
+
+    Args:
+        report: ``(engine, epoch metrics) -> dict`` of what to report.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        every: int,
+        total_epochs: int,
+        *,
+        checkpoint_file: str = CHECKPOINT_FILE,
+        report: Callable[[Any, Any], dict[str, Any]] = pretrain_report,
+    ) -> None:
         self.rank = rank
         self.every = every
         self.total_epochs = total_epochs
+        self.checkpoint_file = checkpoint_file
+        self.report = report
 
     def on_step(self, metrics: Any) -> None:
         return None
 
-    def on_epoch_end(self, engine: PretrainEngine, m: Any) -> None:
+    def on_epoch_end(self, engine: Any, m: Any) -> None:
         import ray.train
 
-        metrics = {
-            "epoch": m.epoch + 1,
-            "step": m.step,
-            "loss": m.loss,
-            "epoch_time_s": m.epoch_time,
-            "images_per_sec": m.images_per_sec,
-        }
+        metrics = self.report(engine, m)
         due = (m.epoch + 1) % self.every == 0 or m.epoch + 1 == self.total_epochs
         if self.rank == 0 and due:
             with tempfile.TemporaryDirectory(prefix="sparkorch-ckpt-") as folder:
-                engine.save(Path(folder) / CHECKPOINT_FILE)
+                engine.save(Path(folder) / self.checkpoint_file)
                 ray.train.report(
                     metrics,
                     checkpoint=ray.train.Checkpoint.from_directory(folder),

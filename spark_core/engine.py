@@ -288,6 +288,21 @@ class SampleSeeded(Dataset):
             random.setstate(python_state)
 
 
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Seed what epoch ``epoch`` draws from: torch, numpy and Python's ``random`` with
+    ``seed`` (this rank's), the loader's order (sampler epoch, shuffling generator) and each
+    sample's augmentation (:class:`SampleSeeded`)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    if isinstance(loader.dataset, SampleSeeded):
+        loader.dataset.epoch = epoch
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(derive_seed(seed, 2))
+
+
 @dataclass
 class _PendingStep:
     step: int
@@ -438,17 +453,8 @@ class PretrainEngine:
         )
 
     def _seed_epoch(self, loader: DataLoader, epoch: int) -> None:
-        seed = derive_seed(self.config.seed, epoch, self.rank)
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+        seed_epoch(loader, derive_seed(self.config.seed, epoch, self.rank), epoch)
         self.mask_generator.manual_seed(derive_seed(self.config.seed, epoch, 1))
-        if isinstance(loader.dataset, SampleSeeded):
-            loader.dataset.epoch = epoch
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        if loader.generator is not None:
-            loader.generator.manual_seed(derive_seed(seed, 2))
 
     # ------------------------------------------------------------------ step
 

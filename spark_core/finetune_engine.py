@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -36,7 +35,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from timm.utils import ModelEmaV3
@@ -45,7 +43,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from spark_core.checkpoint import atomic_write
-from spark_core.engine import PRECISIONS, SampleSeeded, StepMetrics, derive_seed, world_info
+from spark_core.engine import (
+    PRECISIONS,
+    SampleSeeded,
+    StepMetrics,
+    derive_seed,
+    seed_epoch,
+    world_info,
+)
 from spark_core.finetune import (
     FinetuneRecipe,
     build_criterion,
@@ -346,16 +351,7 @@ class FinetuneEngine:
 
     def _seed_epoch(self, loader: DataLoader, epoch: int) -> None:
         # Mixing draws from numpy, drop path from torch: both seeded per epoch and rank.
-        seed = derive_seed(self.config.seed, epoch, self.rank, 7)
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
-        if isinstance(loader.dataset, SampleSeeded):
-            loader.dataset.epoch = epoch
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        if loader.generator is not None:
-            loader.generator.manual_seed(derive_seed(seed, 2))
+        seed_epoch(loader, derive_seed(self.config.seed, epoch, self.rank, 7), epoch)
 
     # ------------------------------------------------------------------ step
 

@@ -123,6 +123,16 @@ class RayTestCluster:
         }
 
 
+def checkpoint_registered(cluster: RayTestCluster, job_id: str) -> bool:
+    """Ray Train's controller has recorded at least one checkpoint of the job (the snapshot
+    it restores from), not merely a worker having written one."""
+    snapshot = Path(cluster.settings.storage_path) / job_id / "checkpoint_manager_snapshot.json"
+    try:
+        return "epoch-0" in snapshot.read_text()
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayTestCluster]:
     """One Ray head for the whole session, on free ports (6379 is Redis's here).

@@ -19,7 +19,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import RayTestCluster
+from conftest import RayTestCluster, checkpoint_registered
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -137,14 +137,6 @@ def test_weight_files_outside_the_data_roots_are_refused(ray_cluster: RayTestClu
         finetune_spec(ray_cluster, {"kind": "file", "path": "/etc/passwd.pth"})
 
 
-def _run_checkpoints(cluster: RayTestCluster, job_id: str) -> bool:
-    snapshot = Path(cluster.settings.storage_path) / job_id / "checkpoint_manager_snapshot.json"
-    try:
-        return "epoch-0" in snapshot.read_text()
-    except OSError:
-        return False
-
-
 @pytest.mark.extended
 def test_a_stopped_finetune_job_resumes_under_the_same_id(
     ray_cluster: RayTestCluster, encoder_file: Path, tmp_path: Path
@@ -168,7 +160,7 @@ def test_a_stopped_finetune_job_resumes_under_the_same_id(
     )
     try:
         deadline = time.monotonic() + 300
-        while not _run_checkpoints(ray_cluster, job_id) and process.poll() is None:
+        while not checkpoint_registered(ray_cluster, job_id) and process.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
         assert process.poll() is None, process.communicate()

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import RayTestCluster
+from conftest import RayTestCluster, checkpoint_registered
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -83,16 +83,6 @@ def find_run(cluster: RayTestCluster, job_id: str) -> Any:
         return None
     runs = mlflow_client.search_runs(experiments, filter_string=f"tags.job_id = '{job_id}'")
     return runs[0] if runs else None
-
-
-def checkpoint_registered(cluster: RayTestCluster, job_id: str) -> bool:
-    """Ray Train's controller has recorded at least one checkpoint of the job (the snapshot
-    it restores from), not merely a worker having written one."""
-    snapshot = Path(cluster.settings.storage_path) / job_id / "checkpoint_manager_snapshot.json"
-    try:
-        return "epoch-0" in snapshot.read_text()
-    except OSError:
-        return False
 
 
 def latest_step(cluster: RayTestCluster, job_id: str) -> int:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api.auth import TokenRegistry
+from api.auth import ReloadingTokenRegistry
 from api.limits import BodySizeLimit, RateLimiter
 from api.problems import install_problem_handlers
 from api.routes import health, jobs, specs
@@ -57,7 +57,7 @@ def create_app(settings: OrchestratorSettings | None = None, *, reconcile: bool 
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.tokens = TokenRegistry.load(settings.tokens_file, settings.api_tokens)
+    app.state.tokens = ReloadingTokenRegistry(settings.tokens_file, settings.api_tokens)
     app.state.rate_limiter = RateLimiter(settings.api_rate_limit_per_s, settings.api_rate_burst)
     service = JobService(store, ray_jobs, reconciler, settings)
     app.state.service = service

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.auth import TokenRegistry
+from api.auth import ReloadingTokenRegistry
 from api.limits import RateLimiter, retry_after
 from api.problems import ProblemException
 from orchestrator.control.service import JobService
@@ -27,7 +27,7 @@ def get_owner(
     challenge = {"WWW-Authenticate": 'Bearer realm="sparkorch"'}
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ProblemException(401, "send Authorization: Bearer <token>", headers=challenge)
-    registry: TokenRegistry = request.app.state.tokens
+    registry: ReloadingTokenRegistry = request.app.state.tokens  # re-reads the file on change
     owner = registry.owner_of(credentials.credentials)
     if owner is None:
         raise ProblemException(401, "unknown or revoked token", headers=challenge)

@@ -7,17 +7,32 @@
     sparkctl export RUN_ID OUT        download a run's timm-style encoder weights
     sparkctl schema [KIND|all]        print a job kind's spec JSON Schema (default pretrain)
     sparkctl ui                       browse the embedded MLflow store (mlflow ui)
+    sparkctl --version                the installed version
 
 Each job kind of orchestrator.kinds is a local verb (``sparkctl <kind> SPEC``).
 
 Remote verbs (the REST service at SPARKORCH_API_URL, token in SPARKORCH_TOKEN):
 
     sparkctl submit SPEC [--wait]     submit a spec of any kind
-    sparkctl jobs                     list your jobs, newest first
+    sparkctl submit SPEC --hold       store it HELD: it runs after `sparkctl release ID`
+    sparkctl release ID               queue a held job
+    sparkctl jobs                     list your jobs, newest first; filters: --state S
+                                      (repeatable), --kind K, --name N; pages: --limit N,
+                                      --cursor C (printed when there are more), --all
     sparkctl status ID [--wait]       one job, with its progress
     sparkctl logs ID [-f]             the job driver's log (follow with -f)
     sparkctl cancel ID                cancel a job
     sparkctl results ID               final metrics (sweeps: the results table)
+
+Answers 429 and 503 are retried after their Retry-After (5 attempts within 60 s at most).
+
+Token administration: the service's tokens file on this machine (SPARKORCH_API_TOKENS_FILE,
+default $SPARKORCH_HOME/api-tokens.json); the running service sees changes within a second.
+
+    sparkctl token create NAME        a new token for NAME, printed once (the file keeps its
+                                      SHA-256 only); --replace for a NAME that has one
+    sparkctl token list               the owners that have a token
+    sparkctl token revoke NAME        remove NAME's token
 
 ``--json`` prints one machine-readable JSON document on stdout instead of text.
 Exit codes: 0 done, 1 the job failed, 2 bad input, 130 cancelled.
@@ -26,11 +41,14 @@ Exit codes: 0 done, 1 the job failed, 2 bad input, 130 cancelled.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
+import shlex
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +56,12 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from orchestrator.api_client import ApiError
+from orchestrator.control.states import JOB_STATES, JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX
 from orchestrator.kinds import JOB_KINDS, JobKind, detect_kind, get_kind
 from orchestrator.lifecycle import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED
 from orchestrator.settings import OrchestratorSettings, describe_settings_error
 from orchestrator.specs import SpecError, read_spec_file
+from orchestrator.tokens import issue_token, revoke_token, token_owners
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_CANCELLED", "EXIT_FAILED", "build_parser", "main"]
 
@@ -178,7 +198,7 @@ def cmd_submit(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
     document = read_spec_file(args.spec)
     kind = _spec_kind(args, document)
     client = _client(settings)
-    job = client.submit(kind.name, document, args.idempotency_key)
+    job = client.submit(kind.name, document, args.idempotency_key, hold=args.hold)
     if not args.wait:
         _emit(args, job, f"submitted {_job_line(job)}\n  {job['links']['self']}")
         return 0
@@ -213,12 +233,42 @@ def _wait(args: argparse.Namespace, client: Any, job_id: str) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
-    page = _client(settings).jobs(state=args.state, kind=args.kind, limit=args.limit)
+    client = _client(settings)
+    filters = {"state": args.state or [], "kind": args.kind, "name": args.name}
+    filters |= {"limit": args.limit, "cursor": args.cursor}
+    if args.all:
+        page = {"items": list(client.all_jobs(**filters)), "next_cursor": None}
+    else:
+        page = client.jobs(**filters)
     lines = [_job_line(job) for job in page["items"]] or ["(no jobs)"]
     if page.get("next_cursor"):
-        lines.append(f"... more: --limit {args.limit * 2}")
+        lines.append(f"... more: {_next_page(args, page['next_cursor'])}")
     _emit(args, page, "\n".join(lines))
     return 0
+
+
+def _next_page(args: argparse.Namespace, cursor: str) -> str:
+    """The command that lists the next page: the same filters and limit, and ``cursor``."""
+    words = ["sparkctl", "jobs"]
+    for state in args.state or []:
+        words += ["--state", state]
+    for option in ("kind", "name"):
+        if getattr(args, option):
+            words += [f"--{option}", getattr(args, option)]
+    if args.limit != JOBS_PAGE_DEFAULT:
+        words += ["--limit", str(args.limit)]
+    return shlex.join([*words, "--cursor", cursor])
+
+
+def _page_size(text: str) -> int:
+    """``--limit``: a whole number within the API's bounds."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= JOBS_PAGE_MAX:
+        raise argparse.ArgumentTypeError(f"{value} is not within 1..{JOBS_PAGE_MAX}")
+    return value
 
 
 def cmd_status(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
@@ -254,6 +304,35 @@ def cmd_logs(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
 def cmd_cancel(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
     job = _client(settings).cancel(args.job_id)
     _emit(args, job, f"cancel requested: {_job_line(job)}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    job = _client(settings).release(args.job_id)
+    _emit(args, job, f"released: {_job_line(job)}")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    path = settings.tokens_file
+    token = issue_token(path, args.name, replace=args.replace)
+    if not args.json:
+        sys.stderr.write(f"token for {args.name}, shown this once ({path} keeps its SHA-256):\n")
+    _emit(args, {"owner": args.name, "token": token, "tokens_file": str(path)}, token)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    owners = token_owners(settings.tokens_file)
+    document = {"owners": owners, "tokens_file": str(settings.tokens_file)}
+    _emit(args, document, "\n".join(owners) or f"(no tokens in {settings.tokens_file})")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace, settings: OrchestratorSettings) -> int:
+    revoke_token(settings.tokens_file, args.name)
+    text = f"revoked {args.name}'s token (the service refuses it within a second)"
+    _emit(args, {"revoked": args.name, "tokens_file": str(settings.tokens_file)}, text)
     return 0
 
 
@@ -315,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparkctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     validate = sub.add_parser("validate", help="check a spec file of any job kind")
@@ -351,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(run=cmd_ui)
 
     remote = _add_remote_verbs(sub)
-    for command in (validate, *local, export, *remote):
+    tokens = _add_token_verbs(sub)
+    for command in (validate, *local, export, *remote, *tokens):
         command.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
@@ -360,15 +441,17 @@ def _add_remote_verbs(sub: Any) -> list[argparse.ArgumentParser]:
     submit = sub.add_parser("submit", help="submit a spec to the REST service")
     submit.add_argument("spec", help="YAML or JSON spec of any job kind")
     _add_kind_option(submit)
-    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
     submit.add_argument("--idempotency-key", help="resubmitting with the same key is safe")
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    when.add_argument("--hold", action="store_true", help="store it HELD until released")
     submit.set_defaults(run=cmd_submit)
 
-    jobs = sub.add_parser("jobs", help="list your jobs on the REST service")
-    jobs.add_argument("--state", help="QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, ...")
-    jobs.add_argument("--kind", choices=list(JOB_KINDS))
-    jobs.add_argument("--limit", type=int, default=20)
-    jobs.set_defaults(run=cmd_jobs)
+    release = sub.add_parser("release", help="queue a job submitted with --hold")
+    release.add_argument("job_id")
+    release.set_defaults(run=cmd_release)
+
+    jobs = _add_jobs_verb(sub)
 
     status = sub.add_parser("status", help="one job and its progress")
     status.add_argument("job_id")
@@ -390,7 +473,64 @@ def _add_remote_verbs(sub: Any) -> list[argparse.ArgumentParser]:
     results.set_defaults(run=cmd_results)
     for command in (submit, status):
         command.add_argument("--poll", type=float, default=2.0, help="seconds between updates")
-    return [submit, jobs, status, logs, cancel, results]
+    return [submit, release, jobs, status, logs, cancel, results]
+
+
+def _add_jobs_verb(sub: Any) -> argparse.ArgumentParser:
+    jobs = sub.add_parser("jobs", help="list your jobs on the REST service, newest first")
+    jobs.add_argument(
+        "--state",
+        action="append",
+        choices=JOB_STATES,
+        metavar="STATE",
+        help=f"jobs in this state, repeatable: {', '.join(JOB_STATES)}",
+    )
+    jobs.add_argument("--kind", choices=list(JOB_KINDS))
+    jobs.add_argument("--name", help="jobs of this spec name")
+    jobs.add_argument(
+        "--limit",
+        type=_page_size,
+        default=JOBS_PAGE_DEFAULT,
+        help=f"jobs per page, 1..{JOBS_PAGE_MAX} (default: %(default)s)",
+    )
+    jobs.add_argument("--cursor", help="continue after a page (its next_cursor)")
+    jobs.add_argument("--all", action="store_true", help="every page, not only the first")
+    jobs.set_defaults(run=cmd_jobs)
+    return jobs
+
+
+def _add_token_verbs(sub: Any) -> list[argparse.ArgumentParser]:
+    token = sub.add_parser(
+        "token", help="create, list or revoke API tokens (the service's tokens file here)"
+    )
+    verbs = token.add_subparsers(dest="token_command", required=True)
+    create = verbs.add_parser("create", help="a new token for NAME, printed once")
+    create.add_argument("name", help="the owner the token authenticates as")
+    create.add_argument("--replace", action="store_true", help="replace NAME's existing token")
+    create.set_defaults(run=cmd_token_create)
+    listing = verbs.add_parser("list", help="the owners that have a token")
+    listing.set_defaults(run=cmd_token_list)
+    revoke = verbs.add_parser("revoke", help="remove NAME's token")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=cmd_token_revoke)
+    return [create, listing, revoke]
+
+
+# The distribution pyproject.toml's [project] name declares (tests/test_cli_remote.py checks).
+DISTRIBUTION = "spark-orchestrator"
+
+
+def package_version() -> str:
+    """The installed distribution's version; else the source tree's, marked not installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        return tomllib.loads(pyproject.read_text())["project"]["version"] + " (not installed)"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown (not installed)"
 
 
 def _add_kind_option(command: argparse.ArgumentParser) -> None:

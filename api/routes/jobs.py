@@ -32,6 +32,7 @@ from orchestrator.control.service import (
     QueueFull,
     QuotaExceeded,
 )
+from orchestrator.control.states import JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX
 from orchestrator.control.store import IdempotencyConflict, Job
 from orchestrator.specs import SpecError
 
@@ -138,7 +139,7 @@ def list_jobs(
     state: Annotated[list[JobState] | None, Query(description="repeat to match several")] = None,
     kind: JobKindName | None = None,
     name: Annotated[str | None, Query(max_length=128)] = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    limit: Annotated[int, Query(ge=1, le=JOBS_PAGE_MAX)] = JOBS_PAGE_DEFAULT,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobList:
     try:

@@ -51,6 +51,7 @@ from orchestrator.lifecycle import (
 )
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import SpecError
+from orchestrator.startup import StartupClock
 
 
 def parse_args(kind: str, argv: list[str] | None) -> argparse.Namespace:
@@ -78,6 +79,7 @@ class Driver:
     store: Any = None
     experiment: str | None = None
     run_id: str | None = None
+    startup: StartupClock | None = None
 
     def on_run_open(self, opened_id: str, ref: Any) -> None:
         self.job_id, self.run_id = opened_id, ref.run_id
@@ -116,6 +118,7 @@ def _load(driver: Driver, args: argparse.Namespace) -> Any:
     if args.spec is not None:
         spec = get_kind(kind).load(args.spec, data_roots=settings.allowed_data_roots)
         driver.experiment = _experiment(kind, spec, settings)
+        driver.startup = StartupClock.for_driver(None)
         return spec
     from orchestrator.control.store import JobStore
 
@@ -127,6 +130,7 @@ def _load(driver: Driver, args: argparse.Namespace) -> Any:
         raise ValueError(f"job {driver.job_id} is a {job.kind} job, not {kind}")
     spec = get_kind(kind).parse(job.spec, data_roots=settings.allowed_data_roots)
     driver.experiment = _experiment(kind, spec, settings)
+    driver.startup = StartupClock.for_driver(job.created_at)
     reason = cancel_reason(job)
     if reason is not None:
         driver.logger.warning("%s: not starting", reason)
@@ -150,6 +154,7 @@ def _run(driver: Driver, spec: Any) -> int:
                 job_id=driver.job_id,
                 settings=driver.settings,
                 on_run_open=driver.on_run_open,
+                startup=driver.startup,
             )
     except (JobCancelled, KeyboardInterrupt):
         raise  # JobCancelled is an Exception too: not a failure, main() handles it

@@ -137,6 +137,7 @@ def _run_and_follow(
     """Run the job in-process with a live view; exits 130 on Ctrl-C / SIGTERM."""
     from orchestrator.lifecycle import JobCancelled, exit_after_cancel
     from orchestrator.progress import Poller
+    from orchestrator.startup import StartupClock
 
     live = _LiveText()
     pollers: list[Poller] = []
@@ -147,7 +148,10 @@ def _run_and_follow(
             pollers.append(Poller(kind.follow(spec, ref), live, interval=args.poll).start())
 
     try:
-        return kind.run(spec, job_id=args.job_id, settings=settings, on_run_open=follow)
+        startup = StartupClock.for_driver(None)  # from this process's start
+        return kind.run(
+            spec, job_id=args.job_id, settings=settings, on_run_open=follow, startup=startup
+        )
     except (JobCancelled, KeyboardInterrupt):
         _stop(pollers, live)
         print(f"cancelled; the MLflow {kind.run_label} is marked KILLED", file=sys.stderr)

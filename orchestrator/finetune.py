@@ -3,10 +3,11 @@
 :func:`run_finetune` resolves where the weights come from (a pre-training job or MLflow run
 of this service, a file under the data roots, or none), checks that they fit the classifier
 before anything starts, opens (or reopens) the job's MLflow run, fits a ``TorchTrainer``
-named after the job id whose workers run :class:`spark_core.finetune_engine.FinetuneEngine`,
-then logs the best and last weights, the whole last checkpoint and the fine-tuned classifier
-as an MLflow model (loadable with ``mlflow.pytorch.load_model``), and links the run and its
-source pre-training run both ways.
+named after the job id whose workers run :class:`spark_core.finetune_engine.FinetuneEngine`
+(rank 0 logs the training metrics and the machine's system metrics), then logs the best and
+last weights, the whole last checkpoint and the fine-tuned classifier as an MLflow model
+(loadable with ``mlflow.pytorch.load_model``), and links the run and its source pre-training
+run both ways. The run's datasets are the training and validation images.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,23 +28,31 @@ from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.pretrain import JobResult, fit_interruptibly
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import JOB_ID_TAG, FinetuneSpec, ship, unship
+from orchestrator.startup import StartupClock, alongside
 from orchestrator.tracking import (
     GLOBAL_BATCH_TAG,
-    RESUMED_AT_STEP,
     TOTAL_STEPS_TAG,
+    DataSplit,
     MetricsLogger,
     RunRef,
     client_for,
+    dataset_input,
     end_run,
+    log_datasets,
     log_file,
     log_metrics,
+    log_model_once,
     open_job_run,
     set_tags,
+    system_metrics,
 )
 from orchestrator.training import (
     RayReporter,
     build_trainer,
+    resume_from_checkpoint,
     threads_per_worker,
+    time_first_step,
+    worker_clock,
     worker_device,
 )
 
@@ -159,6 +169,7 @@ class FinetuneWorkerConfig:
     run: dict[str, str]
     dataset_cache: str
     weights: dict[str, str]
+    startup: dict[str, Any] | None = None  # the driver's StartupClock.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,13 +208,14 @@ def finetune_worker(config: dict[str, Any]) -> None:
     """The ``train_loop_per_worker`` of a fine-tuning job's ``TorchTrainer``."""
     import ray.train
 
-    from spark_core.finetune_engine import FinetuneConfig, FinetuneEngine
+    from spark_core.finetune_engine import FinetuneEngine
     from spark_core.weights import load_source_weights
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     worker = FinetuneWorkerConfig(**config)
     spec: FinetuneSpec = unship(worker.spec)
     rank = ray.train.get_context().get_world_rank()
+    clock = worker_clock(worker.startup, rank)
     threads_per_worker(spec.resources.cpus_per_worker)
     train, val, classes = finetune_datasets(spec, Path(worker.dataset_cache))
     recipe, _ = spec.effective_recipe()
@@ -211,21 +223,38 @@ def finetune_worker(config: dict[str, Any]) -> None:
     weights = ResolvedWeights(**worker.weights)
     load_source_weights(model, weights.read(), source=weights.describe())
     ref = RunRef(**worker.run)
-    callbacks: list[Any] = []
-    if rank == 0:
-        callbacks += [MetricsLogger(ref, log_every=spec.runtime.log_every), EvalLogger(ref)]
-    callbacks.append(
-        RayReporter(
-            rank,
-            spec.checkpoint.every_epochs,
-            recipe.epochs,
-            checkpoint_file=FINETUNE_CHECKPOINT_FILE,
-            report=finetune_report,
+    with ExitStack() as rank0:
+        callbacks: list[Any] = []
+        if rank == 0:
+            metrics_logger = MetricsLogger(ref, log_every=spec.runtime.log_every)
+            callbacks += [rank0.enter_context(metrics_logger), EvalLogger(ref)]
+            rank0.enter_context(system_metrics(ref))
+        callbacks.append(
+            RayReporter(
+                rank,
+                spec.checkpoint.every_epochs,
+                recipe.epochs,
+                checkpoint_file=FINETUNE_CHECKPOINT_FILE,
+                report=finetune_report,
+            )
         )
-    )
-    config_ = FinetuneConfig(
+        engine = FinetuneEngine(model, _engine_config(spec, len(classes)), callbacks=callbacks)
+        if rank == 0:
+            steps = engine.steps_per_epoch(train) * recipe.epochs
+            set_tags(ref, {TOTAL_STEPS_TAG: str(steps), GLOBAL_BATCH_TAG: str(engine.global_batch)})
+        resume_from_checkpoint(engine, ref, rank, FINETUNE_CHECKPOINT_FILE)
+        time_first_step(engine, clock, ref)
+        engine.fit(train, val)
+
+
+def _engine_config(spec: FinetuneSpec, num_classes: int) -> Any:
+    """The engine's configuration: the effective recipe and the spec's runtime."""
+    from spark_core.finetune_engine import FinetuneConfig
+
+    recipe, _ = spec.effective_recipe()
+    return FinetuneConfig(
         backbone=spec.model.backbone,
-        num_classes=len(classes),
+        num_classes=num_classes,
         recipe=recipe,
         precision=spec.runtime.precision,
         channels_last=spec.runtime.channels_last,
@@ -235,63 +264,22 @@ def finetune_worker(config: dict[str, Any]) -> None:
         loader_workers=spec.data.loader_workers,
         device=str(worker_device(spec.resources.gpus_per_worker > 0)),
     )
-    engine = FinetuneEngine(model, config_, callbacks=callbacks)
-    if rank == 0:
-        steps = engine.steps_per_epoch(train) * recipe.epochs
-        set_tags(ref, {TOTAL_STEPS_TAG: str(steps), GLOBAL_BATCH_TAG: str(engine.global_batch)})
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            engine.resume(Path(folder) / FINETUNE_CHECKPOINT_FILE)
-        if rank == 0:
-            log_metrics(ref, {RESUMED_AT_STEP: engine.global_step}, step=engine.global_step)
-    engine.fit(train, val)
 
 
 # ------------------------------------------------------------------------------- driver
 
 
-def _log_model(ref: RunRef, spec: FinetuneSpec, state: dict[str, Any]) -> str:
-    """Log the best classifier as an MLflow PyTorch model with an input signature; returns
-    its ``models:/`` URI.
-
-    MLflow's default ``pt2`` format: a ``torch.export`` program (loading it unpickles
-    nothing), with a dynamic batch dimension (the example batch has 2 images)."""
-    import mlflow
-    import timm
-    from mlflow.models import infer_signature
-
-    config = state["config"]
-    model = build_classifier(spec, config["num_classes"], 0.0)
+def _best_classifier(spec: FinetuneSpec, state: dict[str, Any]) -> torch.nn.Module:
+    """The classifier with the checkpoint's best weights (its last when none was best)."""
+    model = build_classifier(spec, state["config"]["num_classes"], 0.0)
     model.load_state_dict(state["best"] or state["model"])
-    model.eval()
-    size = spec.model.input_size
-    example = torch.zeros(2, 3, size, size)
-    with torch.no_grad():
-        output = model(example)
-    example, output = example.numpy(), output.numpy()
-    signature = infer_signature(example, output)
-    # This driver process only tracks this job. The model goes to the run's experiment
-    # (without it, MLflow puts logged models in the active experiment: "Default").
-    mlflow.set_tracking_uri(ref.tracking_uri)
-    mlflow.set_experiment(experiment_id=ref.experiment_id)
-    info = mlflow.pytorch.log_model(
-        model,
-        name=MODEL_NAME,
-        signature=signature,
-        input_example=example,
-        run_id=ref.run_id,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
-        registered_model_name=spec.name if spec.tracking.register_model else None,
-    )
-    return info.model_uri
+    return model
 
 
-def _log_results(
-    ref: RunRef, spec: FinetuneSpec, checkpoint: Any, reopened: bool
-) -> tuple[dict, str]:
-    """Log the last checkpoint, the best weights and the MLflow model; returns (state, uri).
-    A job run again after it finished logs no second model (nor model version)."""
+def _log_results(ref: RunRef, spec: FinetuneSpec, checkpoint: Any) -> tuple[dict, str]:
+    """Log the last checkpoint, the best weights and the MLflow model (see
+    :func:`~orchestrator.tracking.log_model_once`); returns (state, model URI). A job run
+    again after it finished logs no second model (nor model version)."""
     from spark_core.checkpoint import save_weights
     from spark_core.finetune_engine import read_finetune_checkpoint
 
@@ -308,12 +296,30 @@ def _log_results(
             metadata = {"backbone": spec.model.backbone, "source": summary["best_source"]}
             save_weights(weights, file, metadata)
             log_file(ref, file, WEIGHTS_ARTIFACT_DIR)
-    logged = client_for(ref.tracking_uri).get_run(ref.run_id).data.tags.get(MODEL_URI_TAG)
-    if reopened and logged:
-        return state, logged
-    model_uri = _log_model(ref, spec, state)
-    set_tags(ref, {MODEL_URI_TAG: model_uri})
+    model_uri = log_model_once(
+        ref,
+        lambda: _best_classifier(spec, state),
+        name=MODEL_NAME,
+        input_size=spec.model.input_size,
+        uri_tag=MODEL_URI_TAG,
+        registered_model_name=spec.name if spec.tracking.register_model else None,
+    )
     return state, model_uri
+
+
+def _log_data_inputs(spec: FinetuneSpec, ref: RunRef) -> None:
+    """The run's datasets: "training" and "validation" (``data.val``, or the held-out
+    ``data.val_fraction`` of ``data.train``, split by ``data.split_seed``)."""
+    data = spec.data
+    if data.val is not None:
+        inputs = [dataset_input(data.train, "training"), dataset_input(data.val, "validation")]
+    else:
+        train, val = (DataSplit(p, data.val_fraction, data.split_seed) for p in ("train", "val"))
+        inputs = [
+            dataset_input(data.train, "training", train),
+            dataset_input(data.train, "validation", val),
+        ]
+    log_datasets(ref, inputs)
 
 
 def _link_source(ref: RunRef, weights: ResolvedWeights) -> None:
@@ -331,9 +337,11 @@ def _fit_and_finish(
     ref: RunRef,
     settings: OrchestratorSettings,
     weights: ResolvedWeights,
-    reopened: bool,
+    startup: StartupClock | None = None,
 ) -> FinetuneResult:
     start = time.perf_counter()
+    if startup is not None:
+        startup.mark("fit_called")
     worker = FinetuneWorkerConfig(
         spec=ship(spec, settings.allowed_data_roots),
         job_id=job_id,
@@ -341,6 +349,7 @@ def _fit_and_finish(
              "run_id": ref.run_id},
         dataset_cache=str(settings.dataset_cache),
         weights=asdict(weights),
+        startup=startup.to_dict() if startup is not None else None,
     )  # fmt: skip
     trainer = build_trainer(
         finetune_worker, worker.to_dict(), spec, job_id=job_id, settings=settings
@@ -348,7 +357,7 @@ def _fit_and_finish(
     result = fit_interruptibly(trainer)
     if result.checkpoint is None:
         raise RuntimeError("the fine-tuning ended without a checkpoint")
-    state, model_uri = _log_results(ref, spec, result.checkpoint, reopened)
+    state, model_uri = _log_results(ref, spec, result.checkpoint)
     extra = state["extra"]
     summary = extra["summary"]
     metrics = {
@@ -384,8 +393,12 @@ def run_finetune(
     on_run_open: Any = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    startup: StartupClock | None = None,
 ) -> FinetuneResult:
     """Run (or resume) one fine-tuning job to the end; see the module docstring.
+
+    ``startup``: the driver's clock; rank 0 logs its ``startup/*`` metrics after the first
+    step (see :mod:`orchestrator.startup`).
 
     Raises:
         ValueError: the weights cannot be found or do not fit the classifier (before any
@@ -405,12 +418,15 @@ def run_finetune(
     else:
         _link_source(ref, weights)
         set_tags(ref, {"sparkorch.kind": "finetune", "sparkorch.weights_layout": report.layout})
+    if startup is not None:
+        startup.mark("run_opened")
     if on_run_open is not None:
         on_run_open(job_id, ref)
     status = "FAILED"
     try:
-        with ray_session(settings):
-            result = _fit_and_finish(spec, job_id, ref, settings, weights, reopened)
+        datasets = alongside(lambda: _log_data_inputs(spec, ref), "log the datasets")
+        with datasets, ray_session(settings):
+            result = _fit_and_finish(spec, job_id, ref, settings, weights, startup)
         status = "FINISHED"
         return result
     except (JobCancelled, KeyboardInterrupt, SystemExit):

@@ -171,11 +171,15 @@ class JobKind:
         job_id: str | None,
         settings: OrchestratorSettings,
         on_run_open: Callable[[str, Any], None] | None = None,
+        startup: Any = None,
     ) -> Any:
-        """Run a job to the end in this process; SIGTERM raises :class:`JobCancelled`."""
+        """Run a job to the end in this process; SIGTERM raises :class:`JobCancelled`.
+
+        ``startup``: the driver's :class:`orchestrator.startup.StartupClock` (None: a clock
+        from this process's start)."""
         with cancel_on_sigterm():
             return _named(self.runner)(
-                spec, job_id=job_id, settings=settings, on_run_open=on_run_open
+                spec, job_id=job_id, settings=settings, on_run_open=on_run_open, startup=startup
             )
 
     def follow(self, spec: Any, ref: Any) -> LiveView:

@@ -1,10 +1,11 @@
 """The driver of one pre-training job: a ``TorchTrainer`` on Ray, tracked in one MLflow run.
 
-:func:`run_pretrain` opens (or, for a job id seen before, reopens) the job's MLflow run,
-fits a Ray Train V2 ``TorchTrainer`` named after the job id (so running the same id again
-resumes from its latest checkpoint), evaluates the final encoder as a Ray task, logs the
-encoder weights, the full checkpoint and the evaluation, and ends the MLflow run FINISHED,
-FAILED or KILLED (on :class:`JobCancelled` / ``KeyboardInterrupt``).
+:func:`run_pretrain` opens (or, for a job id seen before, reopens) the job's MLflow run and
+logs the datasets it reads, fits a Ray Train V2 ``TorchTrainer`` named after the job id (so
+running the same id again resumes from its latest checkpoint), evaluates the final encoder as
+a Ray task, logs the encoder weights (timm layout), the encoder as an MLflow model (a timm
+feature extractor, optionally registered), the full checkpoint and the evaluation, and ends
+the MLflow run FINISHED, FAILED or KILLED (on :class:`JobCancelled` / ``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,18 @@ from orchestrator.evaluation import final_model, run_evaluation
 from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, ship
-from orchestrator.tracking import RunRef, end_run, log_file, log_metrics, open_job_run
+from orchestrator.startup import StartupClock, alongside
+from orchestrator.tracking import (
+    DataSplit,
+    RunRef,
+    dataset_input,
+    end_run,
+    log_datasets,
+    log_file,
+    log_metrics,
+    log_model_once,
+    open_job_run,
+)
 from orchestrator.training import CHECKPOINT_FILE, WorkerConfig, build_trainer, train_worker
 from spark_core.checkpoint import export_encoder
 
@@ -32,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 ENCODER_ARTIFACT_DIR = "encoder"
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"
+# The encoder as an MLflow model: runs:/<run id>/encoder_model (a timm network, no classifier).
+ENCODER_MODEL_NAME = "encoder_model"
+ENCODER_MODEL_URI_TAG = "sparkorch.encoder_model_uri"
 
 
 @dataclass
@@ -56,6 +70,7 @@ class JobResult:
 class PretrainResult(JobResult):
     encoder_artifact: str | None = None
     checkpoint_path: str | None = None
+    model_uri: str | None = None
 
 
 def _trainer(
@@ -64,7 +79,10 @@ def _trainer(
     ref: RunRef,
     settings: OrchestratorSettings,
     callbacks: Sequence[Any] = (),
+    startup: StartupClock | None = None,
 ):
+    if startup is not None:
+        startup.mark("fit_called")
     worker = WorkerConfig(
         spec=ship(spec, settings.allowed_data_roots),
         job_id=job_id,
@@ -74,6 +92,7 @@ def _trainer(
             "run_id": ref.run_id,
         },
         dataset_cache=str(settings.dataset_cache),
+        startup=startup.to_dict() if startup is not None else None,
     )
     return build_trainer(
         train_worker, worker.to_dict(), spec, job_id=job_id, settings=settings, callbacks=callbacks
@@ -82,8 +101,9 @@ def _trainer(
 
 def _log_final_artifacts(
     spec: PretrainSpec, ref: RunRef, checkpoint: Any | None
-) -> tuple[str, dict[str, Any]]:
-    """Log the encoder (timm layout) and the full checkpoint; returns (encoder path, state)."""
+) -> tuple[str, str, dict[str, Any]]:
+    """Log the encoder (timm layout, and as an MLflow model) and the full checkpoint;
+    returns (encoder path, model URI, training state)."""
     model = final_model(spec, checkpoint)
     state: dict[str, Any] = {}
     encoder_name = f"{spec.model.backbone}-spark-encoder.safetensors"
@@ -97,19 +117,43 @@ def _log_final_artifacts(
 
             with checkpoint.as_directory() as ckpt_dir:
                 state = read_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE).get("extra", {})
-    return f"{ENCODER_ARTIFACT_DIR}/{encoder_name}", state
+    model_uri = log_model_once(
+        ref,
+        lambda: encoder_network(spec, model),
+        name=ENCODER_MODEL_NAME,
+        input_size=spec.model.input_size,
+        uri_tag=ENCODER_MODEL_URI_TAG,
+        registered_model_name=spec.name if spec.tracking.register_model else None,
+    )
+    return f"{ENCODER_ARTIFACT_DIR}/{encoder_name}", model_uri, state
 
 
-def _register_encoder(spec: PretrainSpec, ref: RunRef, artifact: str) -> None:
-    from mlflow.exceptions import MlflowException
+def encoder_network(spec: PretrainSpec, model: Any) -> Any:
+    """The pre-trained encoder as the plain timm network a researcher uses: ``timm``'s
+    ``backbone`` without a classifier (``num_classes=0``: images -> pooled features of
+    ``num_features`` channels), holding the SparK encoder's weights (every key)."""
+    import timm
 
-    from orchestrator.tracking import client_for
+    from spark_core.checkpoint import encoder_state_dict
 
-    client = client_for(ref.tracking_uri)
-    with suppress(MlflowException):  # already registered: add a version
-        client.create_registered_model(spec.name)
-    source = f"{client.get_run(ref.run_id).info.artifact_uri}/{artifact}"
-    client.create_model_version(spec.name, source=source, run_id=ref.run_id)
+    network = timm.create_model(spec.model.backbone, pretrained=False, num_classes=0)
+    network.load_state_dict(encoder_state_dict(model), strict=True)
+    return network.eval()
+
+
+def _log_data_inputs(spec: PretrainSpec, ref: RunRef) -> None:
+    """The run's datasets: the images pre-training reads ("training": less the evaluation's
+    hold-out, if any) and those the evaluation scores on ("evaluation")."""
+    data, evaluation = spec.data, spec.evaluation
+    evaluates = evaluation.method != "none"
+    holdout = evaluates and data.eval is None and data.holdout
+    split = {part: DataSplit(part, evaluation.val_fraction, spec.seed) for part in ("train", "val")}
+    inputs = [dataset_input(data.train, "training", split["train"] if holdout else None)]
+    if evaluates and data.eval is not None:
+        inputs.append(dataset_input(data.eval, "evaluation"))
+    elif holdout:
+        inputs.append(dataset_input(data.train, "evaluation", split["val"]))
+    log_datasets(ref, inputs)
 
 
 def fit_interruptibly(trainer: Any) -> Any:
@@ -142,11 +186,13 @@ def _fit_and_finish(
     ref: RunRef,
     settings: OrchestratorSettings,
     trainer_callbacks: Sequence[Any] = (),
+    startup: StartupClock | None = None,
 ) -> PretrainResult:
     start = time.perf_counter()
-    result = fit_interruptibly(_trainer(spec, job_id, ref, settings, trainer_callbacks))
+    trainer = _trainer(spec, job_id, ref, settings, trainer_callbacks, startup)
+    result = fit_interruptibly(trainer)
     checkpoint = result.checkpoint
-    encoder, state = _log_final_artifacts(spec, ref, checkpoint)
+    encoder, model_uri, state = _log_final_artifacts(spec, ref, checkpoint)
     roots = [str(p) for p in settings.allowed_data_roots]
     metrics = {
         f"eval/{k}": v
@@ -157,8 +203,6 @@ def _fit_and_finish(
     if state.get("last_epoch_loss") is not None:
         final["final/loss"] = float(state["last_epoch_loss"])
     log_metrics(ref, final, step=epochs)
-    if spec.tracking.register_model:
-        _register_encoder(spec, ref, encoder)
     return PretrainResult(
         job_id=job_id,
         run_id=ref.run_id,
@@ -171,6 +215,7 @@ def _fit_and_finish(
         wall_time_s=time.perf_counter() - start,
         encoder_artifact=encoder,
         checkpoint_path=checkpoint.path if checkpoint is not None else None,
+        model_uri=model_uri,
     )
 
 
@@ -182,7 +227,9 @@ def run_pretrain(
     on_run_open: Any = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    extra_params: dict[str, str] | None = None,
     trainer_callbacks: Sequence[Any] = (),
+    startup: StartupClock | None = None,
 ) -> PretrainResult:
     """Run (or resume) one pre-training job to the end; see the module docstring.
 
@@ -194,7 +241,10 @@ def run_pretrain(
             uses it to follow progress).
         parent_run_id: nest the MLflow run under this one (a sweep's trial).
         extra_tags: more MLflow tags (a sweep's trial: variant, trial id).
+        extra_params: more MLflow params of a new run (a sweep's trial: its variant).
         trainer_callbacks: Ray Train callbacks (a sweep's trial: Tune's report callback).
+        startup: the driver's clock; rank 0 logs its ``startup/*`` metrics after the first
+            step (see :mod:`orchestrator.startup`).
 
     Raises:
         JobCancelled / KeyboardInterrupt / SystemExit: the run is ended KILLED, then the
@@ -205,16 +255,24 @@ def run_pretrain(
     settings = settings or OrchestratorSettings()
     job_id = check_job_id(job_id or new_job_id())
     ref, reopened = open_job_run(
-        spec, job_id, settings, parent_run_id=parent_run_id, extra_tags=extra_tags
+        spec,
+        job_id,
+        settings,
+        parent_run_id=parent_run_id,
+        extra_tags=extra_tags,
+        extra_params=extra_params,
     )
     if reopened:
         logger.info("job %s ran before: resuming MLflow run %s", job_id, ref.run_id)
+    if startup is not None:
+        startup.mark("run_opened")
     if on_run_open is not None:
         on_run_open(job_id, ref)
     status = "FAILED"
     try:
-        with ray_session(settings):
-            result = _fit_and_finish(spec, job_id, ref, settings, trainer_callbacks)
+        datasets = alongside(lambda: _log_data_inputs(spec, ref), "log the datasets")
+        with datasets, ray_session(settings):
+            result = _fit_and_finish(spec, job_id, ref, settings, trainer_callbacks, startup)
         status = "FINISHED"
         return result
     except (JobCancelled, KeyboardInterrupt, SystemExit):

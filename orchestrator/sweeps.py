@@ -9,7 +9,11 @@ trial's final metric is reported when it ends. The trial driver holds one unit o
 resource, never a CPU, so on a small cluster it cannot starve its own workers.
 
 At the end the parent run gets the results table (one row per variant x searched values,
-mean and std over seeds) as CSV and Markdown, a plot, and the best trial's spec and encoder.
+mean and std over seeds) as an MLflow table (``results/table.json``, the UI's table view),
+CSV and Markdown, a plot, and the best trial's spec and encoder. Each trial's run carries
+its searched values as params under their dotted spec paths (``spark.mask_ratio``: the same
+names in every trial, for MLflow's compare view) and, in a sweep with variants, the variant
+as ``sweep.variant``.
 Running the same sweep job id again restores the Tuner: finished trials are not re-run.
 """
 
@@ -57,6 +61,8 @@ VARIANT_KEY = "variant"
 SEED_KEY = "seed"
 TRIAL_TAG = "sparkorch.trial_id"
 VARIANT_TAG = "sparkorch.variant"
+VARIANT_PARAM = "sweep.variant"
+TABLE_ARTIFACT = "results/table.json"
 
 
 # ----------------------------------------------------------------------------- trials
@@ -122,6 +128,7 @@ def run_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         settings=settings,
         parent_run_id=context["parent_run_id"],
         extra_tags={TRIAL_TAG: trial_id, VARIANT_TAG: variant or ""},
+        extra_params={VARIANT_PARAM: variant} if sweep.variants else None,
         trainer_callbacks=[_epoch_reporter(sweep.metric)],
     )
     final_loss = result.metrics.get("final/loss", math.nan)
@@ -457,10 +464,32 @@ def _log_table(sweep: SweepSpec, ref: RunRef, rows: Sequence[Row]) -> tuple[list
     client = client_for(ref.tracking_uri)
     client.log_text(ref.run_id, to_csv(columns, records), "results/table.csv")
     client.log_text(ref.run_id, to_markdown(columns, records), "results/table.md")
+    log_results_table(client, ref.run_id, columns, records)
     with tempfile.TemporaryDirectory(prefix="sparkorch-sweep-") as folder:
         if rows:
             log_file(ref, plot_rows(sweep, rows, Path(folder) / "metric.png"), "results")
     return columns, records
+
+
+def log_results_table(
+    client: Any, run_id: str, columns: Sequence[str], records: Sequence[dict[str, Any]]
+) -> None:
+    """The table as an MLflow table (``MlflowClient.log_table``: ``results/table.json`` in
+    pandas' "split" layout, listed in the run's ``mlflow.loggedArtifacts`` tag so that the UI
+    shows it as a table). ``log_table`` appends to a file that exists, so a sweep run again
+    rewrites the file in the same layout instead of doubling its rows."""
+    rows = [[_json_value(r.get(c)) for c in columns] for r in records]
+    folder = TABLE_ARTIFACT.rsplit("/", 1)[0]
+    if TABLE_ARTIFACT in {a.path for a in client.list_artifacts(run_id, folder)}:
+        client.log_dict(run_id, {"columns": list(columns), "data": rows}, TABLE_ARTIFACT)
+    else:
+        table = {c: [row[i] for row in rows] for i, c in enumerate(columns)}
+        client.log_table(run_id, table, TABLE_ARTIFACT)
+
+
+def _json_value(value: Any) -> Any:
+    """A table cell as JSON has it: a NaN or infinite mean (no finished seed) is null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _log_best(sweep: SweepSpec, ref: RunRef, best: Row) -> dict[str, Any]:
@@ -487,8 +516,12 @@ def run_sweep(
     job_id: str | None = None,
     settings: OrchestratorSettings | None = None,
     on_run_open: Any = None,
+    startup: Any = None,
 ) -> SweepResult:
-    """Run (or resume) a sweep to the end; the parent run ends FINISHED, FAILED or KILLED."""
+    """Run (or resume) a sweep to the end; the parent run ends FINISHED, FAILED or KILLED.
+
+    ``startup`` (the driver's clock) is not used: a sweep has no step of its own, and its
+    trials start whenever Tune schedules them."""
     settings = settings or OrchestratorSettings()
     job_id = check_job_id(job_id or new_job_id())
     ref, _ = open_run(

@@ -1,29 +1,41 @@
-"""MLflow records of pre-training jobs: one run per job, tagged with its job id.
+"""MLflow records of training jobs: one run per job, tagged with its job id.
 
-The driver owns the run's life (creates or reopens it, logs the spec, the final artifacts and
-the evaluation, and ends it FINISHED, FAILED or KILLED); rank 0 of the Ray Train workers logs
-the training metrics and reconstruction pictures into it through :class:`MetricsLogger`.
+The driver owns the run's life (creates or reopens it, logs the spec, the datasets it reads,
+the final artifacts, the model and the evaluation, and ends it FINISHED, FAILED or KILLED);
+rank 0 of the Ray Train workers logs the training metrics and reconstruction pictures into it
+through :class:`MetricsLogger` (sent from a background thread, so that no training step waits
+on the tracking server) and the machine's system metrics through :func:`system_metrics`.
+
+It follows MLflow 3's own conventions: experiments are tagged as model development
+(``mlflow.experimentKind``), datasets are run inputs (the run's "Datasets" panel), models
+are logged models with a signature (``runs:/<run>/<name>`` and ``models:/`` load them).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import platform
+import queue
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NAME
 
 from orchestrator.settings import OrchestratorSettings
-from orchestrator.specs import JOB_ID_TAG, PretrainSpec, is_reserved_tag
+from orchestrator.specs import JOB_ID_TAG, DataSource, PretrainSpec, SyntheticData, is_reserved_tag
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +47,15 @@ GLOBAL_BATCH_TAG = "sparkorch.global_batch_size"
 STOPPED_TAG = "sparkorch.stopped"
 ACTIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params / 1000 metrics per call
+_METRIC_BATCH_LIMIT = 1000
+# The MLflow UI opens an experiment of this kind in its model-training view (the tag and
+# value the UI itself writes when a user picks "Machine learning"; mlflow has no constant).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
+# Seconds between system-metric samples on rank 0 (CPU, memory, disk, network; GPU with the
+# optional nvidia-ml-py); read by system_metrics_interval() only. 0 turns them off.
+SYSTEM_METRICS_INTERVAL_ENV = "SPARKORCH_SYSTEM_METRICS_INTERVAL_S"
+DEFAULT_SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,18 +82,29 @@ def ensure_experiment(client: MlflowClient, name: str, settings: OrchestratorSet
     """
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        return experiment.experiment_id
+        return _mark_model_development(client, experiment)
     location = None
     if _is_local_store(settings.tracking_uri):
         settings.artifact_root.mkdir(parents=True, exist_ok=True)
         location = (settings.artifact_root / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        kind = {EXPERIMENT_KIND_TAG: CUSTOM_MODEL_DEVELOPMENT}
+        return client.create_experiment(name, artifact_location=location, tags=kind)
     except Exception:  # created concurrently by another job: use it
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
-        return experiment.experiment_id
+        return _mark_model_development(client, experiment)
+
+
+def _mark_model_development(client: MlflowClient, experiment: Any) -> str:
+    """Tag an experiment that has no kind yet (one made before the tag, or by someone else)
+    as model development; a kind someone chose is left alone. Returns its id."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, CUSTOM_MODEL_DEVELOPMENT
+        )
+    return experiment.experiment_id
 
 
 def find_job_run(client: MlflowClient, experiment_id: str, job_id: str) -> str | None:
@@ -169,8 +201,12 @@ def open_job_run(
     *,
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    extra_params: Mapping[str, str] | None = None,
 ) -> tuple[RunRef, bool]:
-    """The MLflow run of a pre-training job (nested under ``parent_run_id`` in a sweep)."""
+    """The MLflow run of a training job (nested under ``parent_run_id`` in a sweep).
+
+    ``extra_params`` join the spec's params of a new run (a sweep's trial: its variant); a
+    reopened run keeps the params it has (MLflow refuses to change a param's value)."""
     tags = {**_spec_tags(spec), **environment_tags(spec), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -180,7 +216,7 @@ def open_job_run(
         experiment=spec.tracking.experiment or settings.mlflow_experiment,
         run_name=spec.name,
         tags=tags,
-        params=spec.flat_params(),
+        params={**spec.flat_params(), **(extra_params or {})},
         document=spec.model_dump(mode="json"),
     )
 
@@ -243,10 +279,289 @@ def log_file(ref: RunRef, path: str | Path, artifact_path: str | None = None) ->
     client_for(ref.tracking_uri).log_artifact(ref.run_id, str(path), artifact_path)
 
 
+# ------------------------------------------------------------------------------ datasets
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """One part (``"train"`` or ``"val"``) of the seeded, stratified train/validation split
+    of a source that a job makes (``spark_core.data.split_train_val``)."""
+
+    part: str
+    val_fraction: float
+    seed: int
+
+
+def dataset_input(source: DataSource, context: str, split: DataSplit | None = None) -> DatasetInput:
+    """An MLflow dataset input (name, digest, source, profile) for ``source`` used as
+    ``context`` (``"training"``, ``"validation"``, ``"evaluation"``).
+
+    The digest is cheap and changes with the data: for a folder, of its image files' sorted
+    relative paths and sizes (listed, never read); for generated images, of the generator's
+    settings; for a split, of those plus the split. The source is the folder (type
+    ``local``) or ``synthetic://<style>?count=..`` (type ``synthetic``).
+    """
+    name, digest, source_type, uri, profile = _describe_source(source)
+    if split is not None:
+        name = f"{name}:{split.part}"
+        text = f"{digest}|{split.part}|{split.val_fraction!r}|{split.seed}"
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        profile = {**profile, "split": split.part, "val_fraction": split.val_fraction,
+                   "split_seed": split.seed}  # fmt: skip
+    dataset = Dataset(
+        name=name,
+        digest=digest,
+        source_type=source_type,
+        source=json.dumps({"uri": uri}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def _describe_source(source: DataSource) -> tuple[str, str, str, str, dict[str, Any]]:
+    """(name, digest, source type, uri, profile) of a data source."""
+    if isinstance(source, SyntheticData):
+        settings = source.model_dump(mode="json")
+        text = json.dumps(settings, sort_keys=True)
+        name = (
+            f"synthetic-{source.style}-n{source.count}-s{source.size}-c{source.classes}-"
+            f"seed{source.seed}"
+        )
+        query = "&".join(f"{k}={v}" for k, v in settings.items() if k not in ("kind", "style"))
+        uri = f"synthetic://{source.style}?{query}"
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return name, digest, "synthetic", uri, {"source_images": source.count}
+    root = Path(source.path)
+    name = "/".join(root.parts[-2:])
+    try:
+        files = _image_files(root)
+    except OSError as error:  # not visible from the driver: the workers will say more
+        logger.warning("dataset %s: not listed (%s); its digest names the path only", root, error)
+        return name, hashlib.sha256(str(root).encode()).hexdigest()[:16], "local", str(root), {}
+    text = "\n".join(f"{path}\t{size}" for path, size in files)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    profile = {"source_images": len(files), "bytes": sum(size for _, size in files)}
+    return name, digest, "local", str(root), profile
+
+
+def _image_files(root: Path) -> list[tuple[str, int]]:
+    """``(relative path, size)`` of the image files under ``root`` (hidden ones skipped, as
+    the image folder dataset does), sorted."""
+    from spark_core.data import IMAGE_EXTENSIONS
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"no folder {root}")
+    found = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                path = Path(folder) / name
+                found.append((path.relative_to(root).as_posix(), path.stat().st_size))
+    return sorted(found)
+
+
+def log_datasets(ref: RunRef, inputs: Sequence[DatasetInput]) -> None:
+    """Log the run's dataset inputs (MLflow keeps one per dataset name and digest, so a job
+    run again adds none unless its data changed)."""
+    client_for(ref.tracking_uri).log_inputs(ref.run_id, datasets=list(inputs))
+
+
+# -------------------------------------------------------------------------------- models
+
+
+def log_model_once(
+    ref: RunRef,
+    build: Callable[[], Any],
+    *,
+    name: str,
+    input_size: int,
+    uri_tag: str,
+    registered_model_name: str | None = None,
+) -> str:
+    """Log ``build()`` (a torch module taking ``(B, 3, input_size, input_size)`` images) as
+    the run's MLflow model ``name``; returns its ``models:/<model id>`` URI.
+
+    MLflow's ``pt2`` format: a ``torch.export`` program (loading it unpickles nothing),
+    traced on a batch of 2 so that the batch dimension is dynamic, with the input signature
+    and the versions of torch and timm. The model lands in the run's experiment (MLflow
+    would otherwise use the process's active one, "Default"); with
+    ``registered_model_name`` it also becomes a version of that registered model, whose
+    source is the logged model. The URI is kept in the run's tag ``uri_tag``: a job run
+    again after it finished logs no second model (nor version) and builds nothing.
+    """
+    logged = client_for(ref.tracking_uri).get_run(ref.run_id).data.tags.get(uri_tag)
+    if logged:
+        return logged
+    import mlflow
+    import timm
+    import torch
+    from mlflow.models import infer_signature
+
+    model = build().eval()
+    example = torch.zeros(2, 3, input_size, input_size)
+    with torch.no_grad():
+        output = model(example)
+    signature = infer_signature(example.numpy(), output.numpy())
+    # This driver process only tracks this job: the global URI and experiment are its own.
+    mlflow.set_tracking_uri(ref.tracking_uri)
+    mlflow.set_experiment(experiment_id=ref.experiment_id)
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example.numpy(),
+        run_id=ref.run_id,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+        registered_model_name=registered_model_name,
+    )
+    set_tags(ref, {uri_tag: info.model_uri})
+    return info.model_uri
+
+
+class BackgroundMetricWriter:
+    """Sends metric batches to one MLflow run from a daemon thread: :meth:`submit` returns at
+    once, so a training step never waits on the tracking server.
+
+    The thread sends what has queued up since its last request in one ``log_batch`` (at
+    most 1000 metrics each), so a slow server gets fewer, larger requests rather than a
+    growing backlog. A failed request is retried ``attempts`` times with growing pauses; a
+    batch that still fails is dropped and logged at ERROR with its size (:attr:`dropped`
+    counts them), never silently. The queue is bounded (``max_batches``): only a server
+    that has fallen that far behind makes :meth:`submit` wait.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        *,
+        max_batches: int = 10_000,
+        attempts: int = 3,
+        retry_delay_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.attempts = attempts
+        self.retry_delay_s = retry_delay_s
+        self.sent = 0
+        self.dropped = 0
+        self._submitted = 0
+        self._queue: queue.Queue[list[Metric] | None] = queue.Queue(maxsize=max_batches)
+        self._settled = threading.Condition()
+        self._thread = threading.Thread(
+            target=self._run, name=f"mlflow-metrics-{run_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, metrics: Sequence[Metric]) -> None:
+        """Queue ``metrics`` for sending; returns at once unless the queue is full."""
+        if not metrics:
+            return
+        with self._settled:
+            self._submitted += len(metrics)
+        try:
+            self._queue.put_nowait(list(metrics))
+        except queue.Full:
+            logger.warning(
+                "MLflow run %s: %d metric batches wait for the tracking server; the training "
+                "step waits for room",
+                self.run_id,
+                self._queue.qsize(),
+            )
+            self._queue.put(list(metrics))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far was sent (or dropped after its retries);
+        False when ``timeout`` seconds passed first."""
+        with self._settled:
+            target = self._submitted
+            return self._settled.wait_for(lambda: self.sent + self.dropped >= target, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the thread. What is still unsent after ``timeout`` is logged at
+        ERROR (the thread keeps trying while the process lives). Returns whether all was
+        delivered."""
+        settled = self.flush(timeout)
+        with self._settled:
+            pending = self._submitted - self.sent - self.dropped
+        if not settled:
+            logger.error(
+                "MLflow run %s: %d metrics not yet sent after %s s; the tracking server is "
+                "unreachable or slow",
+                self.run_id,
+                pending,
+                timeout,
+            )
+            return False
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        if self.dropped:
+            logger.error("MLflow run %s: %d metrics were dropped", self.run_id, self.dropped)
+        return self.dropped == 0
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._take()
+            for start in range(0, len(batch), _METRIC_BATCH_LIMIT):
+                self._send(batch[start : start + _METRIC_BATCH_LIMIT])
+            if stop:
+                return
+
+    def _take(self) -> tuple[list[Metric], bool]:
+        """The next batch (waiting for one) joined with everything queued behind it; and
+        whether the stop mark came."""
+        item = self._queue.get()
+        if item is None:
+            return [], True
+        batch = item
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+            if item is None:
+                return batch, True
+            batch.extend(item)
+
+    def _send(self, metrics: list[Metric]) -> None:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                self.client.log_batch(self.run_id, metrics=metrics)
+            except Exception as error:  # a transient server error must not stop training
+                if attempt < self.attempts:
+                    logger.warning(
+                        "MLflow run %s: sending %d metrics failed (attempt %d of %d): %s",
+                        self.run_id, len(metrics), attempt, self.attempts, error,
+                    )  # fmt: skip
+                    time.sleep(self.retry_delay_s * 2 ** (attempt - 1))
+                    continue
+                logger.error(
+                    "MLflow run %s: dropped %d metrics (steps %d..%d) after %d attempts: %s",
+                    self.run_id, len(metrics), min(m.step for m in metrics),
+                    max(m.step for m in metrics), self.attempts, error,
+                )  # fmt: skip
+                self._settle(dropped=len(metrics))
+                return
+            self._settle(sent=len(metrics))
+            return
+
+    def _settle(self, *, sent: int = 0, dropped: int = 0) -> None:
+        with self._settled:
+            self.sent += sent
+            self.dropped += dropped
+            self._settled.notify_all()
+
+
 class MetricsLogger:
     """An engine callback for rank 0: step and epoch metrics, and reconstruction pictures.
 
-    Step metrics arrive in windows of ``log_every`` steps and go out in one ``log_batch``.
+    Step metrics arrive in windows of ``log_every`` steps and are handed to a
+    :class:`BackgroundMetricWriter` (the very first step at once, so that the run shows it
+    as soon as it happened); the step loop never waits on the tracking server. At each
+    epoch's end everything is flushed (waiting at most ``epoch_flush_timeout_s``); use the
+    logger as a context manager, or call :meth:`close`, to deliver the rest.
+
     Names: ``train/loss``, ``train/lr``, ``train/weight_decay``, ``train/grad_norm``,
     ``train/images_per_sec``, ``train/epoch`` (fractional), ``train/step`` (step = global
     step); ``epoch/loss``, ``epoch/time_s``, ``epoch/images_per_sec`` (step = epoch).
@@ -258,12 +573,24 @@ class MetricsLogger:
         *,
         log_every: int,
         reconstruction: ReconstructionPreview | None = None,
+        epoch_flush_timeout_s: float = 60.0,
+        close_timeout_s: float = 120.0,
     ) -> None:
         self.client = client_for(ref.tracking_uri)
         self.run_id = ref.run_id
         self.log_every = log_every
         self.reconstruction = reconstruction
+        self.epoch_flush_timeout_s = epoch_flush_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.writer = BackgroundMetricWriter(client_for(ref.tracking_uri), ref.run_id)
         self._pending: list[Metric] = []
+        self._first_submitted = False
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def on_step(self, m: Any) -> None:
         now = int(time.time() * 1000)
@@ -277,28 +604,97 @@ class MetricsLogger:
             "train/step": m.step + 1,
         }
         self._pending.extend(Metric(k, float(v), now, m.step) for k, v in values.items())
-        if len(self._pending) >= self.log_every * len(values) or m.epoch_progress >= 1.0:
-            self.flush()
+        window_full = len(self._pending) >= self.log_every * len(values)
+        if window_full or not self._first_submitted or m.epoch_progress >= 1.0:
+            self._submit()
 
-    def flush(self) -> None:
+    def _submit(self) -> None:
         if self._pending:
-            self.client.log_batch(self.run_id, metrics=self._pending)
+            self.writer.submit(self._pending)
             self._pending = []
+            self._first_submitted = True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Hand over the pending window and wait until all was sent (at most ``timeout``)."""
+        self._submit()
+        return self.writer.flush(timeout)
+
+    def close(self) -> bool:
+        """Deliver everything (waiting at most ``close_timeout_s``) and stop the thread."""
+        self._submit()
+        return self.writer.close(self.close_timeout_s)
 
     def on_epoch_end(self, engine: Any, m: Any) -> None:
-        self.flush()
         now = int(time.time() * 1000)
         values = {
             "epoch/loss": m.loss,
             "epoch/time_s": m.epoch_time,
             "epoch/images_per_sec": m.images_per_sec,
         }
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, m.epoch) for k, v in values.items()]
-        )
+        self._pending.extend(Metric(k, float(v), now, m.epoch) for k, v in values.items())
+        if not self.flush(self.epoch_flush_timeout_s):
+            logger.warning(
+                "MLflow run %s: epoch %d's metrics are not all sent after %s s; training "
+                "goes on, they follow",
+                self.run_id,
+                m.epoch,
+                self.epoch_flush_timeout_s,
+            )
         if self.reconstruction is not None and self.reconstruction.due(m.epoch):
             image = self.reconstruction.render(engine.model)
             self.client.log_image(self.run_id, image, key="reconstruction", step=m.epoch)
+
+
+def system_metrics_interval() -> float:
+    """Seconds between system-metric samples: ``$SPARKORCH_SYSTEM_METRICS_INTERVAL_S``, else
+    10 (0 = none)."""
+    value = os.environ.get(SYSTEM_METRICS_INTERVAL_ENV, "")
+    try:
+        return max(float(value), 0.0) if value.strip() else DEFAULT_SYSTEM_METRICS_INTERVAL_S
+    except ValueError:
+        logger.warning("%s=%r is not a number: using %s s", SYSTEM_METRICS_INTERVAL_ENV, value,
+                       DEFAULT_SYSTEM_METRICS_INTERVAL_S)  # fmt: skip
+        return DEFAULT_SYSTEM_METRICS_INTERVAL_S
+
+
+@contextmanager
+def system_metrics(ref: RunRef, interval_s: float | None = None) -> Iterator[Any]:
+    """MLflow's system metrics (``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, disk, network; ``system/gpu_0_utilization_percentage``
+    and GPU memory when ``nvidia-ml-py`` is installed) for the run while the block runs, one
+    point every ``interval_s`` seconds (default :func:`system_metrics_interval`).
+
+    The monitor writes to ``ref.tracking_uri`` (never the process's global URI) and carries
+    on the run's ``system/`` steps when it was restarted. On leaving, it stops and logs the
+    samples of the last, partial interval too, so even a job shorter than one interval has a
+    point; an error leaving the block is not masked.
+    """
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    interval = system_metrics_interval() if interval_s is None else interval_s
+    if interval <= 0:
+        yield None
+        return
+    monitor = SystemMetricsMonitor(
+        ref.run_id, sampling_interval=interval, resume_logging=True, tracking_uri=ref.tracking_uri
+    )
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        _stop_monitor(monitor)
+
+
+def _stop_monitor(monitor: Any) -> None:
+    """Stop the monitor, then publish the samples it took since its last point."""
+    monitor.finish()
+    try:
+        last = monitor.aggregate_metrics()
+        if last:
+            monitor.publish_metrics(last)
+            monitor.mlflow_logger.flush()
+    except Exception as error:  # bookkeeping at the end: never the job's failure
+        logger.error("last system metrics not logged: %s", error)
 
 
 class ReconstructionPreview:

@@ -5,7 +5,10 @@ the model in DDP with synchronised batch-norm statistics and shards the data. At
 every epoch every rank calls ``ray.train.report`` (a barrier); rank 0 attaches the whole
 training state as a checkpoint every ``checkpoint.every_epochs`` epochs and at the last one.
 A restarted worker group, or a job run again under the same id, resumes from the latest
-checkpoint that Ray Train holds.
+checkpoint that Ray Train holds. Rank 0 alone talks to MLflow: training metrics through a
+:class:`~orchestrator.tracking.MetricsLogger` (never waiting on the server inside the step
+loop) and the machine's system metrics while it trains; both are delivered and stopped when
+the worker's loop ends, also on an error.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ import torch
 from orchestrator.datasets import pretrain_dataset, preview_images, steps_per_epoch
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, unship
+from orchestrator.startup import FirstStepMark, StartupClock
 from orchestrator.tracking import (
     GLOBAL_BATCH_TAG,
     RESUMED_AT_STEP,
@@ -32,6 +37,7 @@ from orchestrator.tracking import (
     RunRef,
     log_metrics,
     set_tags,
+    system_metrics,
 )
 from spark_core import build_spark
 from spark_core.engine import CHECKPOINT_FILE, EngineConfig, PretrainEngine
@@ -48,6 +54,7 @@ class WorkerConfig:
     job_id: str
     run: dict[str, str]
     dataset_cache: str
+    startup: dict[str, Any] | None = None  # the driver's StartupClock.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,6 +180,7 @@ def train_worker(config: dict[str, Any]) -> None:
     worker = WorkerConfig(**config)
     spec: PretrainSpec = unship(worker.spec)
     rank = ray.train.get_context().get_world_rank()
+    clock = worker_clock(worker.startup, rank)
     threads_per_worker(spec.resources.cpus_per_worker)
     cache = Path(worker.dataset_cache)
     dataset = pretrain_dataset(spec, cache)
@@ -180,33 +188,64 @@ def train_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(spec.seed)  # the same initial weights everywhere (DDP also broadcasts)
     model = build_spark(**spec.build_kwargs())
-    callbacks: list[Any] = []
     ref = RunRef(**worker.run)
-    if rank == 0:
-        total_steps = steps_per_epoch(len(dataset), spec) * spec.optim.epochs
-        set_tags(
-            ref,
-            {
-                TOTAL_STEPS_TAG: str(total_steps),
-                GLOBAL_BATCH_TAG: str(spec.optim.global_batch_size),
-            },
-        )
-        preview = None
-        if spec.tracking.reconstruction_every:
-            images = preview_images(spec, cache, spec.tracking.reconstruction_images)
-            preview = ReconstructionPreview(images, spec.tracking.reconstruction_every, spec.seed)
-        callbacks.append(MetricsLogger(ref, log_every=spec.optim.log_every, reconstruction=preview))
-    callbacks.append(RayReporter(rank, spec.checkpoint.every_epochs, spec.optim.epochs))
+    with ExitStack() as rank0:
+        callbacks: list[Any] = []
+        if rank == 0:
+            callbacks.append(rank0.enter_context(_rank0_logger(spec, ref, cache, len(dataset))))
+            rank0.enter_context(system_metrics(ref))
+        callbacks.append(RayReporter(rank, spec.checkpoint.every_epochs, spec.optim.epochs))
+        engine = PretrainEngine(model, _engine_config(spec, device), callbacks=callbacks)
+        resume_from_checkpoint(engine, ref, rank, CHECKPOINT_FILE)
+        time_first_step(engine, clock, ref)
+        engine.fit(dataset)
 
-    engine = PretrainEngine(model, _engine_config(spec, device), callbacks=callbacks)
+
+def worker_clock(startup: dict[str, Any] | None, rank: int) -> StartupClock | None:
+    """Rank 0's copy of the driver's startup clock, marked ``worker_started`` (None on the
+    other ranks, or without a clock)."""
+    clock = StartupClock.from_dict(startup) if rank == 0 else None
+    if clock is not None:
+        clock.mark("worker_started")
+    return clock
+
+
+def time_first_step(engine: Any, clock: StartupClock | None, ref: RunRef) -> None:
+    """Mark ``model_ready`` and log the ``startup/*`` metrics after the first step; only for
+    a fresh start (a worker group restored from a checkpoint is not the job's start)."""
+    if clock is None or engine.global_step > 0:
+        return
+    clock.mark("model_ready")
+    engine.callbacks.append(FirstStepMark(clock, lambda values: log_metrics(ref, values, step=0)))
+
+
+def _rank0_logger(spec: PretrainSpec, ref: RunRef, cache: Path, images: int) -> MetricsLogger:
+    """Rank 0's metrics logger (and the run's step-count tags, read by progress)."""
+    total_steps = steps_per_epoch(images, spec) * spec.optim.epochs
+    set_tags(
+        ref,
+        {TOTAL_STEPS_TAG: str(total_steps), GLOBAL_BATCH_TAG: str(spec.optim.global_batch_size)},
+    )
+    preview = None
+    if spec.tracking.reconstruction_every:
+        pictures = preview_images(spec, cache, spec.tracking.reconstruction_images)
+        preview = ReconstructionPreview(pictures, spec.tracking.reconstruction_every, spec.seed)
+    return MetricsLogger(ref, log_every=spec.optim.log_every, reconstruction=preview)
+
+
+def resume_from_checkpoint(engine: Any, ref: RunRef, rank: int, checkpoint_file: str) -> None:
+    """Restore the engine from Ray Train's latest checkpoint, if there is one; rank 0 marks
+    the run with one ``train/resumed_at_step`` point per restore."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            engine.resume(Path(folder) / CHECKPOINT_FILE)
-        logger.info("rank %d resumed at epoch %d, step %d", rank, engine.epoch, engine.global_step)
-        if rank == 0:  # one point per restore: the run shows where it was restored from
-            log_metrics(ref, {RESUMED_AT_STEP: engine.global_step}, step=engine.global_step)
-    engine.fit(dataset)
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        engine.resume(Path(folder) / checkpoint_file)
+    logger.info("rank %d resumed at epoch %d, step %d", rank, engine.epoch, engine.global_step)
+    if rank == 0:
+        log_metrics(ref, {RESUMED_AT_STEP: engine.global_step}, step=engine.global_step)
 
 
 def _engine_config(spec: PretrainSpec, device: torch.device) -> EngineConfig:

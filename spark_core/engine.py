@@ -16,7 +16,7 @@
   across workers (the reference's SyncBatchNorm);
 * metrics through callbacks. The step itself never reads a value back to the host:
   losses and grad norms stay on the device and are fetched in one transfer every
-  ``log_every`` steps.
+  ``log_every`` steps, and after each epoch's first step (a new job shows its first step).
 """
 
 from __future__ import annotations
@@ -561,7 +561,8 @@ class PretrainEngine:
             )
             window.images += images.shape[0] * self.world_size
             self.global_step += 1
-            if len(window.pending) >= self.config.log_every or i + 1 == steps:
+            # An epoch's first step goes out at once: a new job shows its first step.
+            if i == 0 or len(window.pending) >= self.config.log_every or i + 1 == steps:
                 self._flush(window)
                 window = _Window()
         elapsed = time.perf_counter() - start

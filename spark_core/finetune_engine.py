@@ -9,7 +9,7 @@ The recipe (:mod:`spark_core.finetune`) on a timm classifier, one process or one
   ``Lamb``/``AdamW`` with layer-wise lr scales, the per-iteration schedule written into every
   group, optional grad clipping (the reference never clips), EMA of all weights and buffers
   (timm ``ModelEmaV3``) after every step. Nothing is read back to the host inside the step;
-  losses are fetched every ``log_every`` steps;
+  losses are fetched every ``log_every`` steps and after each epoch's first;
 * evaluation: top-1/top-5 of the model and of its EMA after the epochs the reference
   evaluates (every 5th in the first third, then every epoch; always the last); the result is
   the best top-1 of either, as the paper reports;
@@ -452,7 +452,8 @@ class FinetuneEngine:
                 )
             )  # fmt: skip
             self.global_step += 1
-            if len(window.pending) >= self.config.log_every or i + 1 == steps:
+            # An epoch's first step goes out at once: a new job shows its first step.
+            if i == 0 or len(window.pending) >= self.config.log_every or i + 1 == steps:
                 self._flush(window)
                 window = _Window()
         totals = torch.stack([torch.stack(losses).sum(), torch.stack(corrects).sum().float()])

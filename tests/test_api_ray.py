@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from api.auth import issue_token
 from orchestrator.control.store import JobStore, new_job
 from orchestrator.settings import OrchestratorSettings
+from orchestrator.startup import MARKS
 
 pytestmark = pytest.mark.slow
 
@@ -101,6 +102,9 @@ def test_a_job_runs_through_ray_and_reports_back(
         assert progress["step"] == progress["total_steps"] == 4
         results = client.get(f"/v1/jobs/{job_id}/results").json()
         assert "final/loss" in results["metrics"]
+        # Where the time to the first step went, counted from the POST, in order.
+        startup = [results["metrics"][f"startup/{mark}_s"] for mark in MARKS]
+        assert startup[0] > 0 and startup == sorted(startup), startup
         assert any(path.startswith("encoder/") for path in results["artifacts"])
         assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
 
@@ -124,6 +128,7 @@ def test_a_job_runs_through_ray_and_reports_back(
         assert progress["step"] == progress["total_steps"] == 2  # 24 images / batch 12
         results = client.get(f"/v1/jobs/{tuned_id}/results").json()
         assert 0 <= results["metrics"]["final/finetune_top1"] <= 100
+        assert results["metrics"]["startup/first_step_s"] > 0
         assert any(path.startswith("weights/") for path in results["artifacts"])
         tuned_run = MlflowClient(settings.tracking_uri).get_run(tuned["mlflow_run_id"])
         assert tuned_run.data.tags["sparkorch.source_run_id"] == job["mlflow_run_id"]

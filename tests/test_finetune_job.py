@@ -26,6 +26,12 @@ from safetensors.torch import load_file
 from orchestrator.finetune import run_finetune
 from orchestrator.kinds import get_kind
 from orchestrator.specs import SpecError
+from orchestrator.tracking import (
+    CUSTOM_MODEL_DEVELOPMENT,
+    EXPERIMENT_KIND_TAG,
+    DataSplit,
+    dataset_input,
+)
 from spark_core import build_spark
 from spark_core.checkpoint import export_encoder
 
@@ -114,6 +120,19 @@ def test_two_worker_finetune_job_leaves_a_complete_record(
     assert model_record.experiment_id == run.info.experiment_id  # not MLflow's "Default"
     assert model_record.source_run_id == result.run_id
     assert logged.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 3, 64, 64)
+
+    # MLflow 3's views: the experiment's kind, the datasets, rank 0's system metrics.
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == CUSTOM_MODEL_DEVELOPMENT
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["training", "validation"]
+    for context, part in (("training", "train"), ("validation", "val")):
+        expected = dataset_input(spec.data.train, context, DataSplit(part, 0.2, 0)).dataset
+        assert inputs[context].name == f"synthetic-textures-n{TRAIN_IMAGES}-s64-c4-seed0:{part}"
+        assert inputs[context].digest == expected.digest
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
 
 
 def test_weights_that_do_not_fit_fail_before_any_run_opens(

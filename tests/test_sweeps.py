@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pytest
+import torch
 from conftest import RayTestCluster
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -178,6 +181,30 @@ def test_grid_sweep_gives_nested_runs_a_table_and_a_plot(
     best = {a.path for a in client.list_artifacts(result.run_id, "best")}
     assert best == {"best/spec", "best/encoder"}
 
+    # MLflow 3's views. The table as an MLflow table (the UI's table view).
+    table = json.loads((folder / "table.json").read_text())
+    assert table["columns"] == result.columns and len(table["data"]) == 4
+    assert {"path": "results/table.json", "type": "table"} in json.loads(
+        parent.data.tags["mlflow.loggedArtifacts"]
+    )
+    # Every trial: the searched values as params under the same names (compare view), its
+    # dataset, rank 0's system metrics, and its encoder as a model that loads and runs.
+    searched = {
+        (r.data.params["spark.mask_ratio"], r.data.params["spark.decoder_depth"]) for r in runs
+    }
+    assert searched == {("0.4", "1"), ("0.4", "2"), ("0.75", "1"), ("0.75", "2")}
+    for trial in runs:
+        data = {i.tags[0].value: i.dataset.name for i in trial.inputs.dataset_inputs}
+        name = "synthetic-textures-n64-s64-c4-seed0"  # pre-trained on all but the k-NN's hold-out
+        assert data == {"training": f"{name}:train", "evaluation": f"{name}:val"}
+        assert "system/cpu_utilization_percentage" in trial.data.metrics
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    mlflow.set_tracking_uri(ray_cluster.settings.tracking_uri)
+    encoder = mlflow.pytorch.load_model(f"runs:/{runs[0].info.run_id}/encoder_model")
+    with torch.no_grad():
+        assert encoder(torch.randn(3, 3, 64, 64)).shape == (3, 512)  # ResNet-18's features
+
 
 @pytest.mark.slow
 def test_sweep_scored_by_fine_tuning_nests_each_fine_tune_under_its_trial(
@@ -224,6 +251,7 @@ def test_sweep_scored_by_fine_tuning_nests_each_fine_tune_under_its_trial(
         assert finetuned.data.params["weights.kind"] == (
             "mlflow_run" if variant == "reference" else "none"
         )
+        assert trial.data.params["sweep.variant"] == variant
 
 
 def test_finetune_metric_needs_a_finetune_section() -> None:

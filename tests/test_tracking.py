@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +15,7 @@ from orchestrator.specs import parse_spec
 from orchestrator.tracking import (
     JOB_ID_TAG,
     STOPPED_TAG,
+    MetricsLogger,
     client_for,
     end_run,
     find_children,
@@ -143,3 +147,94 @@ def test_a_spec_cannot_set_the_services_run_tags(
     assert find_children(first) == []
     again, reopened = open_job_run(spec, "job-first", settings)
     assert reopened and again.run_id == first.run_id
+
+
+# --------------------------------------------------------------- metrics off the step loop
+
+
+def _step(step: int, steps_per_epoch: int = 100) -> Any:
+    from spark_core.engine import StepMetrics
+
+    return StepMetrics(
+        epoch=0,
+        step=step,
+        loss=1.0 / (step + 1),
+        lr=0.1,
+        weight_decay=0.05,
+        grad_norm=1.0,
+        images_per_sec=10.0,
+        epoch_progress=(step + 1) / steps_per_epoch,
+    )
+
+
+def _steps_logged(ref) -> list[int]:
+    history = client_for(ref.tracking_uri).get_metric_history(ref.run_id, "train/step")
+    return sorted(int(m.value) for m in history)
+
+
+def test_steps_never_wait_on_a_slow_tracking_store_and_every_metric_arrives(
+    settings: OrchestratorSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that takes 0.4 s per request: each step's callback returns in far less, the
+    first step is sent at once, and after close every step's metrics are there."""
+    from mlflow.tracking import MlflowClient
+
+    ref, _ = _open(settings, "job-slow-store")
+    latency, log_batch = 0.4, MlflowClient.log_batch
+    requests: list[int] = []
+
+    def slow_log_batch(self, run_id, metrics=(), **kwargs):
+        time.sleep(latency)
+        requests.append(len(metrics))
+        return log_batch(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", slow_log_batch)
+    metrics_logger = MetricsLogger(ref, log_every=2)
+    slowest = 0.0
+    for step in range(20):
+        start = time.perf_counter()
+        metrics_logger.on_step(_step(step))
+        slowest = max(slowest, time.perf_counter() - start)
+        if step == 0:
+            time.sleep(latency + 0.3)  # the first step is on its way alone, not with step 1
+            assert _steps_logged(ref) == [1]
+        time.sleep(0.02)  # the training step
+    assert slowest < latency / 4, slowest
+    assert metrics_logger.close()
+    assert _steps_logged(ref) == list(range(1, 21))
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"):
+        assert len(client_for(ref.tracking_uri).get_metric_history(ref.run_id, key)) == 20
+    # Windows queued behind a slow request go out together: fewer requests than windows.
+    assert len(requests) < 11 and sum(requests) == 20 * 7
+
+
+def test_a_transient_store_error_is_retried_and_a_lasting_one_is_reported(
+    settings: OrchestratorSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    ref, _ = _open(settings, "job-flaky-store")
+    log_batch, failures = MlflowClient.log_batch, [1]  # the first request fails
+
+    def flaky_log_batch(self, run_id, metrics=(), **kwargs):
+        if failures and failures[0] > 0:
+            failures[0] -= 1
+            raise MlflowException("503 Service Unavailable")
+        return log_batch(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", flaky_log_batch)
+    metrics_logger = MetricsLogger(ref, log_every=1)
+    metrics_logger.writer.retry_delay_s = 0.01
+    with caplog.at_level(logging.WARNING, logger="orchestrator.tracking"):
+        metrics_logger.on_step(_step(0))
+        assert metrics_logger.flush(timeout=30)
+        assert _steps_logged(ref) == [1]  # retried: nothing lost
+        failures[0] = 10**6  # the store is gone for good
+        metrics_logger.on_step(_step(1))  # training goes on
+        assert not metrics_logger.close()
+    assert metrics_logger.writer.dropped == 7
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("dropped 7 metrics (steps 1..1) after 3 attempts" in e for e in errors), errors

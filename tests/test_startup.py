@@ -1,0 +1,84 @@
+"""The startup clock: marks counted from the submission, logged once after the first step
+without the step waiting for the log, and the driver's bookkeeping run alongside."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+
+import pytest
+
+from orchestrator.startup import MARKS, FirstStepMark, StartupClock, alongside
+
+
+def test_marks_count_from_the_submission_and_travel_as_plain_data() -> None:
+    submitted = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=5)
+    clock = StartupClock.for_driver(submitted)
+    clock.mark("run_opened")
+    clock.mark("run_opened", at=0.0)  # the first mark stays
+    shipped = StartupClock.from_dict(clock.to_dict())
+    assert shipped is not None
+    shipped.mark("worker_started")
+    metrics = shipped.metrics()
+    assert list(metrics) == ["startup/driver_started_s", "startup/run_opened_s",
+                             "startup/worker_started_s"]  # fmt: skip
+    assert 4.5 < metrics["startup/run_opened_s"] < 60
+    assert metrics["startup/run_opened_s"] <= metrics["startup/worker_started_s"]
+    assert StartupClock.from_dict(None) is None
+    with pytest.raises(ValueError, match="unknown startup mark 'warm'"):
+        clock.mark("warm")
+    assert MARKS[0] == "driver_started" and MARKS[-1] == "first_step"
+
+
+def test_without_a_submission_time_the_driver_counts_from_its_own_start() -> None:
+    clock = StartupClock.for_driver(None)
+    assert clock.origin == clock.marks["driver_started"] <= time.time()
+
+
+def test_the_first_step_is_logged_once_and_never_waited_for() -> None:
+    release = threading.Event()
+    logged: list[dict[str, float]] = []
+
+    def slow_log(values: dict[str, float]) -> None:
+        release.wait(5)
+        logged.append(values)
+
+    clock = StartupClock(origin=time.time() - 1.0)
+    mark = FirstStepMark(clock, slow_log)
+    start = time.perf_counter()
+    mark.on_step(object())
+    mark.on_step(object())
+    assert time.perf_counter() - start < 0.5  # the step did not wait for the slow store
+    release.set()
+    mark.on_epoch_end(None, None)  # joins the logging thread
+    assert len(logged) == 1 and 1.0 <= logged[0]["startup/first_step_s"] < 30
+
+
+def test_a_failed_log_does_not_stop_training(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(values: dict[str, float]) -> None:
+        raise ConnectionError("tracking server down")
+
+    mark = FirstStepMark(StartupClock(origin=time.time()), broken)
+    with caplog.at_level(logging.ERROR, logger="orchestrator.startup"):
+        mark.on_step(object())
+        mark.on_epoch_end(None, None)
+    assert "could not log the startup metrics" in caplog.text
+
+
+def test_alongside_runs_the_task_during_the_block_and_waits_for_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    done = threading.Event()
+    inside = []
+    with alongside(lambda: done.wait(0.2) or done.set(), "wait a little"):
+        inside.append(done.is_set())  # the block did not wait for the task to start it
+    assert inside == [False] and done.is_set()
+
+    def fails() -> None:
+        raise OSError("listing failed")
+
+    with caplog.at_level(logging.ERROR, logger="orchestrator.startup"), alongside(fails, "list"):
+        pass
+    assert "could not list" in caplog.text

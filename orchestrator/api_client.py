@@ -122,9 +122,10 @@ class ApiClient:
             return None
         delay = retry_after_s(response.headers.get("Retry-After"), attempt)
         if time.monotonic() - started + delay > self.max_wait_s:
-            logger.info(
-                "not waiting %g s more for %s: past %g s", delay, response.url, self.max_wait_s
-            )
+            logger.warning(
+                "%d from %s: not waiting %g s more (the client waits at most %g s in all)",
+                response.status_code, response.url, delay, self.max_wait_s,
+            )  # fmt: skip
             return None
         return delay
 

@@ -175,8 +175,8 @@ class JobKind:
     ) -> Any:
         """Run a job to the end in this process; SIGTERM raises :class:`JobCancelled`.
 
-        ``startup``: the driver's :class:`orchestrator.startup.StartupClock` (None: a clock
-        from this process's start)."""
+        ``startup``: the driver's :class:`orchestrator.startup.StartupClock`, whose marks
+        rank 0 logs after the first step (None: no startup metrics)."""
         with cancel_on_sigterm():
             return _named(self.runner)(
                 spec, job_id=job_id, settings=settings, on_run_open=on_run_open, startup=startup

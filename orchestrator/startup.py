@@ -2,9 +2,12 @@
 
 The driver and the Ray Train workers mark the moments a job passes on its way to its first
 step; rank 0 logs them once that step is done, as MLflow metrics ``startup/<mark>_s``:
-seconds since the job was submitted (``POST /v1/jobs``: the job store's ``created_at``;
-a driver started on a spec file counts from its own start). They show in the run's charts
-and in ``GET /v1/jobs/{id}/results``; ``scripts/loadtest.py --first-step`` prints them.
+seconds since the job was submitted (``POST /v1/jobs``: the job store's ``created_at``, so
+a job that waited, held or queued behind its owner's quota, shows the wait in
+``driver_started``; a driver started on a spec file counts from its own start). They show in
+the run's charts and in ``GET /v1/jobs/{id}/results``; ``scripts/loadtest.py --first-step``
+prints them. Only a fresh start logs them: a worker group restored from a checkpoint does
+not (a job submitted again before its first checkpoint logs a second set at step 0).
 
 Marks, in order (the driver's, then a worker's):
 
@@ -33,6 +36,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 STARTUP_PREFIX = "startup/"
+LOG_WAIT_S = 5.0  # at the first epoch's end, the longest wait for the startup metrics
 MARKS = (
     "driver_started",
     "run_opened",
@@ -119,15 +123,17 @@ class FirstStepMark:
             logger.exception("could not log the startup metrics")
 
     def on_epoch_end(self, engine: Any, metrics: Any) -> None:
-        if self.thread is not None:
-            self.thread.join()
+        if self.thread is not None:  # bounded: a down server must not stall the epoch's end
+            self.thread.join(LOG_WAIT_S)
 
 
 @contextmanager
 def alongside(task: Callable[[], None], what: str) -> Iterator[None]:
     """Run ``task`` in a thread while the block runs (the driver's bookkeeping while Ray Train
     starts the workers), and wait for it at the end. A failure of ``task`` is logged, not
-    raised: it must not fail the job it describes."""
+    raised: it must not fail the job it describes. When the block raises (a cancel), the
+    task gets one more second, not an unbounded wait: the run must end before Ray's stop
+    turns into a SIGKILL."""
 
     def run() -> None:
         try:
@@ -139,5 +145,7 @@ def alongside(task: Callable[[], None], what: str) -> Iterator[None]:
     thread.start()
     try:
         yield
-    finally:
-        thread.join()
+    except BaseException:
+        thread.join(1.0)
+        raise
+    thread.join()

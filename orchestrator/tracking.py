@@ -47,6 +47,7 @@ GLOBAL_BATCH_TAG = "sparkorch.global_batch_size"
 STOPPED_TAG = "sparkorch.stopped"
 ACTIVE_STATUSES = frozenset({"RUNNING", "SCHEDULED"})
 _BATCH_LIMIT = 100  # MLflow's log_batch accepts at most 100 params / 1000 metrics per call
+MONITOR_STOP_TIMEOUT_S = 15.0  # the longest wait for the system-metrics monitor to stop
 _METRIC_BATCH_LIMIT = 1000
 # The MLflow UI opens an experiment of this kind in its model-training view (the tag and
 # value the UI itself writes when a user picks "Machine learning"; mlflow has no constant).
@@ -437,7 +438,7 @@ class BackgroundMetricWriter:
         run_id: str,
         *,
         max_batches: int = 10_000,
-        attempts: int = 3,
+        attempts: int = 2,  # on top of MLflow's own HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES)
         retry_delay_s: float = 1.0,
     ) -> None:
         self.client = client
@@ -585,6 +586,7 @@ class MetricsLogger:
         self.writer = BackgroundMetricWriter(client_for(ref.tracking_uri), ref.run_id)
         self._pending: list[Metric] = []
         self._first_submitted = False
+        self._behind = False  # an epoch's flush timed out: later epochs do not wait again
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -632,14 +634,20 @@ class MetricsLogger:
             "epoch/images_per_sec": m.images_per_sec,
         }
         self._pending.extend(Metric(k, float(v), now, m.epoch) for k, v in values.items())
-        if not self.flush(self.epoch_flush_timeout_s):
+        # Once the server has fallen behind, waiting at every epoch would stall training
+        # (and every rank with it) for the timeout each time: check, do not wait, until the
+        # writer has caught up.
+        timeout = 0.0 if self._behind else self.epoch_flush_timeout_s
+        settled = self.flush(timeout)
+        if not settled and not self._behind:
             logger.warning(
                 "MLflow run %s: epoch %d's metrics are not all sent after %s s; training "
-                "goes on, they follow",
+                "goes on without waiting for the tracking server until it has caught up",
                 self.run_id,
                 m.epoch,
                 self.epoch_flush_timeout_s,
             )
+        self._behind = not settled
         if self.reconstruction is not None and self.reconstruction.due(m.epoch):
             image = self.reconstruction.render(engine.model)
             self.client.log_image(self.run_id, image, key="reconstruction", step=m.epoch)
@@ -685,9 +693,18 @@ def system_metrics(ref: RunRef, interval_s: float | None = None) -> Iterator[Any
         _stop_monitor(monitor)
 
 
-def _stop_monitor(monitor: Any) -> None:
-    """Stop the monitor, then publish the samples it took since its last point."""
-    monitor.finish()
+def _stop_monitor(monitor: Any, timeout_s: float = MONITOR_STOP_TIMEOUT_S) -> None:
+    """Stop the monitor, then publish the samples it took since its last point.
+
+    MLflow's ``finish`` joins the monitor's thread without a limit, and that thread may be
+    inside a request to an unreachable server (minutes of HTTP retries): it is waited for at
+    most ``timeout_s``, so a failing job is not held up by its bookkeeping."""
+    stopper = threading.Thread(target=monitor.finish, name="system-metrics-stop", daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        logger.warning("system metrics monitor still busy after %s s: left behind", timeout_s)
+        return
     try:
         last = monitor.aggregate_metrics()
         if last:

@@ -1,7 +1,8 @@
 """Latency of the REST service under a steady load, on loopback.
 
     python scripts/loadtest.py [--rate 50] [--duration 30]
-    python scripts/loadtest.py --first-step      # POST -> first training step of the smoke job
+    python scripts/loadtest.py --first-step      # POST -> first training step of the smoke job,
+                                                 # with the job's startup/* breakdown
 
 Open loop: requests start on a fixed schedule whatever the answers do (so a slow service
 shows up as latency, not as a lower rate). Each iteration is ``POST /v1/jobs`` (the smoke
@@ -125,9 +126,28 @@ def first_step(url: str, token: str, timeout: float = 900) -> dict:
                 "seconds_to_state": {k: round(v, 1) for k, v in seen.items()},
                 "seconds_to_first_logged_step": round(time.perf_counter() - start, 1),
                 "first_logged_step": progress["step"],
+                "startup_s": startup_breakdown(url, headers, job["id"]),
             }
         time.sleep(0.25)
     raise TimeoutError("no training step within the timeout")
+
+
+def startup_breakdown(url: str, headers: dict, job_id: str, wait_s: float = 30) -> dict:
+    """The job's ``startup/*`` metrics (seconds from the POST to each mark; rank 0 logs them
+    just after the first step, see orchestrator/startup.py)."""
+    deadline = time.perf_counter() + wait_s
+    while time.perf_counter() < deadline:
+        metrics = (
+            httpx.get(f"{url}/v1/jobs/{job_id}/results", headers=headers, timeout=30)
+            .json()
+            .get("metrics", {})
+        )
+        marks = {k.removeprefix("startup/").removesuffix("_s"): v for k, v in metrics.items()
+                 if k.startswith("startup/")}  # fmt: skip
+        if "first_step" in marks:
+            return dict(sorted(marks.items(), key=lambda item: item[1]))
+        time.sleep(0.5)
+    return {}
 
 
 def main() -> None:

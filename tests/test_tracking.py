@@ -195,11 +195,13 @@ def test_steps_never_wait_on_a_slow_tracking_store_and_every_metric_arrives(
         start = time.perf_counter()
         metrics_logger.on_step(_step(step))
         slowest = max(slowest, time.perf_counter() - start)
-        if step == 0:
-            time.sleep(latency + 0.3)  # the first step is on its way alone, not with step 1
+        if step == 0:  # the first step is on its way alone, not with step 1
+            deadline = time.monotonic() + 30
+            while _steps_logged(ref) != [1] and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert _steps_logged(ref) == [1]
         time.sleep(0.02)  # the training step
-    assert slowest < latency / 4, slowest
+    assert slowest < latency / 2, slowest  # a step never waits for a 0.4 s request
     assert metrics_logger.close()
     assert _steps_logged(ref) == list(range(1, 21))
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_sec"):
@@ -237,4 +239,4 @@ def test_a_transient_store_error_is_retried_and_a_lasting_one_is_reported(
         assert not metrics_logger.close()
     assert metrics_logger.writer.dropped == 7
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert any("dropped 7 metrics (steps 1..1) after 3 attempts" in e for e in errors), errors
+    assert any("dropped 7 metrics (steps 1..1) after 2 attempts" in e for e in errors), errors

@@ -59,7 +59,11 @@ from orchestrator.api_client import ApiError
 from orchestrator.control.states import JOB_STATES, JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX
 from orchestrator.kinds import JOB_KINDS, JobKind, detect_kind, get_kind
 from orchestrator.lifecycle import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED
-from orchestrator.settings import OrchestratorSettings, describe_settings_error
+from orchestrator.settings import (
+    OrchestratorSettings,
+    describe_settings_error,
+    mlflow_run_route,
+)
 from orchestrator.specs import SpecError, read_spec_file
 from orchestrator.tokens import issue_token, revoke_token, token_owners
 
@@ -95,7 +99,7 @@ def cmd_validate(args: argparse.Namespace, settings: OrchestratorSettings) -> in
 
 
 def run_link(settings: OrchestratorSettings, experiment_id: str, run_id: str) -> str:
-    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    path = mlflow_run_route(experiment_id, run_id)
     if settings.mlflow_ui_url:
         return f"{settings.mlflow_ui_url.rstrip('/')}/{path}"
     if settings.mlflow_tracking_uri and settings.mlflow_tracking_uri.startswith("http"):

@@ -181,3 +181,9 @@ def describe_settings_error(error: Exception) -> list[tuple[str, str]]:
         )
         for e in error.errors()
     ]
+
+
+def mlflow_run_route(experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, from its ``#/``: in the UI's model-training view (the
+    UI's own default is its GenAI view, whatever the experiment's kind)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"

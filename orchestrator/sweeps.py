@@ -477,14 +477,23 @@ def log_results_table(
     """The table as an MLflow table (``MlflowClient.log_table``: ``results/table.json`` in
     pandas' "split" layout, listed in the run's ``mlflow.loggedArtifacts`` tag so that the UI
     shows it as a table). ``log_table`` appends to a file that exists, so a sweep run again
-    rewrites the file in the same layout instead of doubling its rows."""
+    rewrites the file in the same layout instead of doubling its rows. Column names are
+    :func:`table_column`'s."""
     rows = [[_json_value(r.get(c)) for c in columns] for r in records]
+    names = [table_column(c) for c in columns]
     folder = TABLE_ARTIFACT.rsplit("/", 1)[0]
     if TABLE_ARTIFACT in {a.path for a in client.list_artifacts(run_id, folder)}:
-        client.log_dict(run_id, {"columns": list(columns), "data": rows}, TABLE_ARTIFACT)
+        client.log_dict(run_id, {"columns": names, "data": rows}, TABLE_ARTIFACT)
     else:
-        table = {c: [row[i] for row in rows] for i, c in enumerate(columns)}
+        table = {name: [row[i] for row in rows] for i, name in enumerate(names)}
         client.log_table(run_id, table, TABLE_ARTIFACT)
+
+
+def table_column(column: str) -> str:
+    """A column's name in the MLflow table: a spec path with ``/`` for ``.``
+    (``spark/mask_ratio``), since the UI's table view reads a dotted name as a path into
+    nested objects and shows its cells empty."""
+    return column.replace(".", "/")
 
 
 def _json_value(value: Any) -> Any:

@@ -27,7 +27,7 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--hide-scrollbars",
 )
-FRAGMENT = re.compile(r"^#/[A-Za-z0-9/_?=&.-]*$")
+FRAGMENT = re.compile(r"^#/[A-Za-z0-9/_?=&.,%-]*$")
 
 
 def screenshot(url: str, out: str, size: str, wait_ms: int) -> None:

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from orchestrator.specs import SpecError, load_sweep, parse_sweep
-from orchestrator.sweeps import run_sweep
+from orchestrator.sweeps import run_sweep, table_column
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -183,7 +183,8 @@ def test_grid_sweep_gives_nested_runs_a_table_and_a_plot(
 
     # MLflow 3's views. The table as an MLflow table (the UI's table view).
     table = json.loads((folder / "table.json").read_text())
-    assert table["columns"] == result.columns and len(table["data"]) == 4
+    assert table["columns"] == [table_column(c) for c in result.columns]
+    assert len(table["data"]) == 4 and "spark/mask_ratio" in table["columns"]
     assert {"path": "results/table.json", "type": "table"} in json.loads(
         parent.data.tags["mlflow.loggedArtifacts"]
     )

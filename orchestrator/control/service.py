@@ -23,7 +23,7 @@ from orchestrator.control.store import (
     new_job,
 )
 from orchestrator.kinds import JobSize, get_kind
-from orchestrator.settings import OrchestratorSettings
+from orchestrator.settings import OrchestratorSettings, mlflow_run_route
 from orchestrator.specs import SpecError
 
 logger = logging.getLogger(__name__)
@@ -257,9 +257,7 @@ class JobService:
         base = self.settings.mlflow_ui_url
         if not (base and job.mlflow_run_id and job.mlflow_experiment_id):
             return None
-        return (
-            f"{base.rstrip('/')}/#/experiments/{job.mlflow_experiment_id}/runs/{job.mlflow_run_id}"
-        )
+        return f"{base.rstrip('/')}/{mlflow_run_route(job.mlflow_experiment_id, job.mlflow_run_id)}"
 
 
 def _is_uuid(value: str) -> bool:

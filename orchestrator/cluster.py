@@ -21,6 +21,9 @@ from pathlib import Path
 
 from orchestrator.settings import OrchestratorSettings
 
+# Ray Train V2's switch for its per-run preemption watcher actor (ray.train.v2 constants).
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 logger = logging.getLogger(__name__)
 
 # A sweep trial's driver (which only waits on its Ray Train workers) holds one unit of this
@@ -92,10 +95,16 @@ def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | Non
     127.0.0.1 only (see ``loopback_node_ip``), and the metrics agent's Prometheus exporter,
     which answers without a token, is off. Its session (logs, sockets) is in a new
     ``/tmp/sparkorch-ray-*`` folder (mode 0700) instead of the shared ``/tmp/ray``.
+
+    Ray Train's preemption watcher is off (unless the environment says otherwise): one
+    machine has no node that could be drained, and on 2 cores the watcher's extra process
+    starts just when the workers import their code, delaying a job's first step. This
+    process and every Ray process it starts (Ray Jobs drivers included) inherit the setting.
     """
     import ray
 
     configure_ray_auth(settings)
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     port = {} if dashboard_port is None else {"dashboard_port": dashboard_port}
     temp_dir = tempfile.mkdtemp(prefix="sparkorch-ray-")
     with loopback_node_ip():

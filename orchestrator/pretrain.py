@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import ray_session
-from orchestrator.evaluation import final_model, run_evaluation
 from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, ship
@@ -37,7 +36,6 @@ from orchestrator.tracking import (
     open_job_run,
 )
 from orchestrator.training import CHECKPOINT_FILE, WorkerConfig, build_trainer, train_worker
-from spark_core.checkpoint import export_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +102,9 @@ def _log_final_artifacts(
 ) -> tuple[str, str, dict[str, Any]]:
     """Log the encoder (timm layout, and as an MLflow model) and the full checkpoint;
     returns (encoder path, model URI, training state)."""
+    from orchestrator.evaluation import final_model
+    from spark_core.checkpoint import export_encoder
+
     model = final_model(spec, checkpoint)
     state: dict[str, Any] = {}
     encoder_name = f"{spec.model.backbone}-spark-encoder.safetensors"
@@ -191,6 +192,10 @@ def _fit_and_finish(
     start = time.perf_counter()
     trainer = _trainer(spec, job_id, ref, settings, trainer_callbacks, startup)
     result = fit_interruptibly(trainer)
+    # The model's code (timm) loads only now: the driver needs it after training, and
+    # importing it before would delay the workers' start by seconds.
+    from orchestrator.evaluation import run_evaluation
+
     checkpoint = result.checkpoint
     encoder, model_uri, state = _log_final_artifacts(spec, ref, checkpoint)
     roots = [str(p) for p in settings.allowed_data_roots]

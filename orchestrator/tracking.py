@@ -134,16 +134,19 @@ def git_commit() -> str | None:
 
 
 def environment_tags(spec: PretrainSpec) -> dict[str, str]:
+    """The run's environment tags (versions from the installed distributions: the driver
+    does not import timm before its workers start)."""
+    from importlib.metadata import version
+
     import mlflow
     import ray
-    import timm
     import torch
 
     resources = spec.resources
     device = "cuda" if resources.gpus_per_worker > 0 else "cpu"
     tags = {
         "sparkorch.version.torch": torch.__version__,
-        "sparkorch.version.timm": timm.__version__,
+        "sparkorch.version.timm": version("timm"),
         "sparkorch.version.ray": ray.__version__,
         "sparkorch.version.mlflow": mlflow.__version__,
         "sparkorch.version.python": platform.python_version(),

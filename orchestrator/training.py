@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,8 +39,10 @@ from orchestrator.tracking import (
     set_tags,
     system_metrics,
 )
-from spark_core import build_spark
-from spark_core.engine import CHECKPOINT_FILE, EngineConfig, PretrainEngine
+from spark_core.checkpoint import CHECKPOINT_FILE
+
+if TYPE_CHECKING:
+    from spark_core.engine import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +177,11 @@ def threads_per_worker(cpus_per_worker: float) -> None:
 def train_worker(config: dict[str, Any]) -> None:
     """The ``train_loop_per_worker`` of the job's ``TorchTrainer``."""
     import ray.train
+
+    # Here, not at the top: the driver imports this module only to hand this function to
+    # Ray Train, and must not spend seconds importing the model (timm) before it starts.
+    from spark_core import build_spark
+    from spark_core.engine import PretrainEngine
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
     worker = WorkerConfig(**config)

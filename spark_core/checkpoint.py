@@ -7,14 +7,17 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from spark_core.model import SparK, SparKConfig
+if TYPE_CHECKING:  # the model (and timm) load when a checkpoint is read into one
+    from spark_core.model import SparK
 
 CHECKPOINT_FORMAT = "spark_core/1"
+# The whole training state's file name in a checkpoint folder (the engines' and Ray Train's).
+CHECKPOINT_FILE = "last.pt"
 
 
 class CheckpointMismatchError(ValueError):
@@ -132,6 +135,8 @@ def load_checkpoint(
         CheckpointMismatchError: the checkpoint was saved from a model with another config;
             the message lists each differing field.
     """
+    from spark_core.model import SparKConfig
+
     payload = read_checkpoint(path, map_location)
     saved = SparKConfig.from_dict(payload["config"])
     if saved != model.config:
@@ -154,6 +159,8 @@ def build_spark_from_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[SparK, dict[str, Any]]:
     """Rebuild the model a checkpoint was saved from, with its weights; returns (model, extra)."""
+    from spark_core.model import SparK, SparKConfig
+
     payload = read_checkpoint(path, map_location)
     model = SparK(SparKConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["model"])

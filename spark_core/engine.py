@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spark_core.backbones import resolve_family
-from spark_core.checkpoint import load_checkpoint, save_checkpoint
+from spark_core.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from spark_core.model import SparK
 from spark_core.optim import Lamb, clip_factor, compiled_or_eager
 from spark_core.runtime import autocast_is_native, cudnn_autotuning
@@ -151,7 +151,6 @@ def build_optimizer(
 
 
 # The training state's file name in a checkpoint folder (the engine's and Ray Train's).
-CHECKPOINT_FILE = "last.pt"
 
 
 @dataclass(frozen=True)

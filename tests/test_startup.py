@@ -82,3 +82,31 @@ def test_alongside_runs_the_task_during_the_block_and_waits_for_it(
     with caplog.at_level(logging.ERROR, logger="orchestrator.startup"), alongside(fails, "list"):
         pass
     assert "could not list" in caplog.text
+
+
+def test_the_driver_does_not_import_the_model_before_its_workers_start() -> None:
+    """A pre-training driver imports its module to hand the training function to Ray
+    Train: timm and the SparK model (seconds of imports on a small VM) wait until after."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, orchestrator.pretrain, spark_core;"
+        "print(sorted(m for m in ('timm', 'spark_core.model') if m in sys.modules));"
+        "spark_core.build_spark;"
+        "print('timm' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+    assert out == ["[]", "True"], out  # not loaded by the import; loaded on first use
+
+
+def test_every_lazy_name_of_spark_core_resolves() -> None:
+    import spark_core
+
+    assert sorted(spark_core.__all__) == sorted(spark_core._EXPORTS)
+    for name in spark_core.__all__:
+        assert getattr(spark_core, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = spark_core.nope

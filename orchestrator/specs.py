@@ -226,7 +226,7 @@ class ModelSpec(_Strict):
         """``drop_path_rate``, or the reference recipe's value for the backbone."""
         if self.drop_path_rate is not None:
             return self.drop_path_rate
-        from spark_core.backbones import reference_drop_path  # workers and the CLI only
+        from spark_core.pretrain_recipe import reference_drop_path  # no torch, no timm
 
         return reference_drop_path(self.backbone)
 

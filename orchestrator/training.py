@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from orchestrator.datasets import pretrain_dataset, preview_images, steps_per_epoch
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, unship
 from orchestrator.startup import FirstStepMark, StartupClock
@@ -179,7 +178,9 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     # Here, not at the top: the driver imports this module only to hand this function to
-    # Ray Train, and must not spend seconds importing the model (timm) before it starts.
+    # Ray Train, and must not spend seconds importing the model (timm) and the data
+    # pipeline (torchvision) before it starts.
+    from orchestrator.datasets import pretrain_dataset
     from spark_core import build_spark
     from spark_core.engine import PretrainEngine
 
@@ -228,6 +229,8 @@ def time_first_step(engine: Any, clock: StartupClock | None, ref: RunRef) -> Non
 
 def _rank0_logger(spec: PretrainSpec, ref: RunRef, cache: Path, images: int) -> MetricsLogger:
     """Rank 0's metrics logger (and the run's step-count tags, read by progress)."""
+    from orchestrator.datasets import preview_images, steps_per_epoch
+
     total_steps = steps_per_epoch(images, spec) * spec.optim.epochs
     set_tags(
         ref,

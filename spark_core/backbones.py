@@ -8,7 +8,6 @@ by :func:`spark_core.sparse.sparsify_`. Its state-dict keys are timm's own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import timm
 import torch
@@ -51,30 +50,6 @@ BACKBONE_FAMILIES: tuple[BackboneFamily, ...] = (
         examples="convnext_atto ... convnext_xlarge, convnextv2_*",
     ),
 )
-
-
-# Stochastic depth of the reference pre-training recipe, per architecture (keyu-tian/SparK,
-# pretrain/README and scripts); every other backbone pre-trains without drop path.
-REFERENCE_DROP_PATH = MappingProxyType(
-    {
-        "resnet50": 0.05,
-        "resnet101": 0.08,
-        "resnet152": 0.10,
-        "resnet200": 0.15,
-        "convnext_small": 0.2,
-        "convnext_base": 0.3,
-        "convnext_large": 0.4,
-    }
-)
-
-
-def reference_drop_path(backbone: str) -> float:
-    """The reference recipe's pre-training drop-path rate of ``backbone`` (0 when it has none).
-
-    A pretrained tag names the same network: ``resnet50.a1_in1k`` -> 0.05.
-    """
-    architecture, _ = split_model_name_tag(backbone)
-    return REFERENCE_DROP_PATH.get(architecture, 0.0)
 
 
 def supported_families_text() -> str:

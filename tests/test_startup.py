@@ -7,10 +7,14 @@ import datetime as dt
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from orchestrator.startup import MARKS, FirstStepMark, StartupClock, alongside
+from spark_core.pretrain_recipe import reference_drop_path
+
+SMOKE = Path(__file__).resolve().parents[1] / "examples" / "pretrain-smoke.yaml"
 
 
 def test_marks_count_from_the_submission_and_travel_as_plain_data() -> None:
@@ -86,13 +90,17 @@ def test_alongside_runs_the_task_during_the_block_and_waits_for_it(
 
 def test_the_driver_does_not_import_the_model_before_its_workers_start() -> None:
     """A pre-training driver imports its module to hand the training function to Ray
-    Train: timm and the SparK model (seconds of imports on a small VM) wait until after."""
+    Train: timm, torchvision and the SparK model (seconds of imports on a small VM) wait."""
     import subprocess
     import sys
 
     probe = (
         "import sys, orchestrator.pretrain, spark_core;"
-        "print(sorted(m for m in ('timm', 'spark_core.model') if m in sys.modules));"
+        "from orchestrator.kinds import get_kind;"
+        "from orchestrator.tracking import environment_tags;"
+        f"spec = get_kind('pretrain').load({str(SMOKE)!r}, data_roots=None);"
+        "spec.flat_params(); environment_tags(spec);"  # what the driver records in MLflow
+        "print(sorted(m for m in ('timm', 'torchvision', 'spark_core.model') if m in sys.modules));"
         "spark_core.build_spark;"
         "print('timm' in sys.modules)"
     )
@@ -110,3 +118,9 @@ def test_every_lazy_name_of_spark_core_resolves() -> None:
         assert getattr(spark_core, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = spark_core.nope
+
+
+def test_the_reference_drop_path_needs_no_timm() -> None:
+    assert reference_drop_path("resnet50") == reference_drop_path("resnet50.a1_in1k") == 0.05
+    assert reference_drop_path("convnext_large") == 0.4
+    assert reference_drop_path("resnet18") == 0.0

@@ -407,20 +407,46 @@ def log_model_once(
     with torch.no_grad():
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy())
-    # This driver process only tracks this job: the global URI and experiment are its own.
-    mlflow.set_tracking_uri(ref.tracking_uri)
-    mlflow.set_experiment(experiment_id=ref.experiment_id)
-    info = mlflow.pytorch.log_model(
-        model,
-        name=name,
-        signature=signature,
-        input_example=example.numpy(),
-        run_id=ref.run_id,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
-        registered_model_name=registered_model_name,
-    )
+    with _fluent_target(ref):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=name,
+            signature=signature,
+            input_example=example.numpy(),
+            run_id=ref.run_id,
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"timm=={timm.__version__}",
+            ],
+            registered_model_name=registered_model_name,
+        )
     set_tags(ref, {uri_tag: info.model_uri})
     return info.model_uri
+
+
+@contextmanager
+def _fluent_target(ref: RunRef) -> Iterator[None]:
+    """Point MLflow's fluent API at the run's store and experiment for the block (a logged
+    model goes to the active experiment, else "Default"), then put back what the process had.
+
+    MLflow keeps both in the process's environment (``MLFLOW_TRACKING_URI``,
+    ``MLFLOW_EXPERIMENT_ID``) for its subprocesses to inherit: left set, they would send a
+    later job or test of the same process, and every process it starts, to this run's store.
+    """
+    import mlflow
+
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    mlflow.set_tracking_uri(ref.tracking_uri)
+    mlflow.set_experiment(experiment_id=ref.experiment_id)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class BackgroundMetricWriter:

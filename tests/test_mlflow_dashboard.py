@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -79,14 +80,17 @@ def test_the_encoder_is_a_loadable_registered_model_beside_its_weights(
 
     spec = parse_spec({**SPEC, "tracking": {"register_model": True}}, data_roots=[])
     ref, _ = open_job_run(spec, "job-encoder", settings)
+    environment = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
     encoder, model_uri, _ = _log_final_artifacts(spec, ref, checkpoint=None)
+    # MLflow's fluent globals are put back: later jobs and subprocesses keep their store.
+    assert {k: os.environ.get(k) for k in environment} == environment
     again, uri_again, _ = _log_final_artifacts(spec, ref, checkpoint=None)
     assert (again, uri_again) == (encoder, model_uri)
 
     client = MlflowClient(settings.tracking_uri)
     (version,) = client.search_model_versions(f"name = '{spec.name}'")
     assert version.source == model_uri and version.run_id == ref.run_id
-    logged = mlflow.search_logged_models([ref.experiment_id], output_format="list")
+    logged = client.search_logged_models(experiment_ids=[ref.experiment_id])
     assert [m.source_run_id for m in logged].count(ref.run_id) == 1  # the store is shared
 
     weights = load_file(client.download_artifacts(ref.run_id, encoder, str(tmp_path)))

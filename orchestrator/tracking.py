@@ -349,20 +349,13 @@ def _describe_source(source: DataSource) -> tuple[str, str, str, str, dict[str, 
 
 
 def _image_files(root: Path) -> list[tuple[str, int]]:
-    """``(relative path, size)`` of the image files under ``root`` (hidden ones skipped, as
-    the image folder dataset does), sorted."""
-    from spark_core.data import IMAGE_EXTENSIONS
+    """``(relative path, size)`` of the image files under ``root``, sorted: the files the
+    image folder dataset reads (:func:`spark_core.data.scan_images`)."""
+    from spark_core.data import scan_images
 
     if not root.is_dir():
         raise FileNotFoundError(f"no folder {root}")
-    found = []
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
-        for name in names:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-                path = Path(folder) / name
-                found.append((path.relative_to(root).as_posix(), path.stat().st_size))
-    return sorted(found)
+    return [(p.relative_to(root).as_posix(), p.stat().st_size) for p in scan_images(root)]
 
 
 def log_datasets(ref: RunRef, inputs: Sequence[DatasetInput]) -> None:

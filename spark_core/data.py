@@ -136,7 +136,7 @@ def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _scan_images(folder: Path) -> list[Path]:
+def scan_images(folder: Path) -> list[Path]:
     """All image files below ``folder`` (recursive, sorted, hidden files/folders skipped)."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -221,7 +221,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
         self.root: Path = root_path.resolve()
         self.transform: ImageTransform | None = transform
 
-        files = _scan_images(self.root)
+        files = scan_images(self.root)
         if not files:
             raise FileNotFoundError(
                 f"No image files found under {str(self.root)!r} (searched recursively for "

@@ -417,20 +417,20 @@ def log_model_once(
     return info.model_uri
 
 
+MLFLOW_FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+
+
 @contextmanager
-def _fluent_target(ref: RunRef) -> Iterator[None]:
-    """Point MLflow's fluent API at the run's store and experiment for the block (a logged
-    model goes to the active experiment, else "Default"), then put back what the process had.
+def fluent_state_kept() -> Iterator[None]:
+    """Put MLflow's fluent tracking URI and experiment back as the block found them.
 
     MLflow keeps both in the process's environment (``MLFLOW_TRACKING_URI``,
     ``MLFLOW_EXPERIMENT_ID``) for its subprocesses to inherit: left set, they would send a
-    later job or test of the same process, and every process it starts, to this run's store.
+    later job or test of the same process, and every process it starts, to another store.
     """
     import mlflow
 
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    mlflow.set_tracking_uri(ref.tracking_uri)
-    mlflow.set_experiment(experiment_id=ref.experiment_id)
+    saved = {key: os.environ.get(key) for key in MLFLOW_FLUENT_ENV}
     try:
         yield
     finally:
@@ -440,6 +440,18 @@ def _fluent_target(ref: RunRef) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def _fluent_target(ref: RunRef) -> Iterator[None]:
+    """Point MLflow's fluent API at the run's store and experiment for the block (a logged
+    model goes to the active experiment, else "Default"); see :func:`fluent_state_kept`."""
+    import mlflow
+
+    with fluent_state_kept():
+        mlflow.set_tracking_uri(ref.tracking_uri)
+        mlflow.set_experiment(experiment_id=ref.experiment_id)
+        yield
 
 
 class BackgroundMetricWriter:

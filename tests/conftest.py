@@ -37,26 +37,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-MLFLOW_FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
-
-
 @pytest.fixture(autouse=True)
 def _mlflow_fluent_state_per_test() -> Iterator[None]:
-    """MLflow keeps its fluent tracking URI and experiment in the environment, which every
-    later test and subprocess would inherit: a test that sets them (to load a model) leaves
-    them as it found them."""
-    import os
-    import sys
+    """A test that points MLflow's fluent API somewhere (to load a model) leaves it, and the
+    environment every later test and subprocess inherits, as it found them."""
+    from orchestrator.tracking import fluent_state_kept
 
-    saved = {key: os.environ.get(key) for key in MLFLOW_FLUENT_ENV}
-    yield
-    if "mlflow" in sys.modules:
-        sys.modules["mlflow"].set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with fluent_state_kept():
+        yield
 
 
 @pytest.fixture(params=SMALL_BACKBONES)

@@ -9,9 +9,8 @@ import torch
 
 from orchestrator.datasets import evaluation_loaders
 from orchestrator.specs import PretrainSpec, ship, unship
-from orchestrator.training import CHECKPOINT_FILE
 from spark_core import SparK, build_spark
-from spark_core.checkpoint import build_spark_from_checkpoint
+from spark_core.checkpoint import CHECKPOINT_FILE, build_spark_from_checkpoint
 from spark_core.evaluate import evaluate_encoder
 
 

@@ -2,7 +2,7 @@
 
 :func:`run_finetune` resolves where the weights come from (a pre-training job or MLflow run
 of this service, a file under the data roots, or none), checks that they fit the classifier
-before anything starts, opens (or reopens) the job's MLflow run, fits a ``TorchTrainer``
+before anything starts, opens (or reopens) the job's MLflow run, fits a Ray Train trainer
 named after the job id whose workers run :class:`spark_core.finetune_engine.FinetuneEngine`
 (rank 0 logs the training metrics and the machine's system metrics), then logs the best and
 last weights, the whole last checkpoint and the fine-tuned classifier as an MLflow model
@@ -45,6 +45,7 @@ from orchestrator.tracking import (
     open_job_run,
     set_tags,
     system_metrics,
+    worker_tags,
 )
 from orchestrator.training import (
     RayReporter,
@@ -205,7 +206,7 @@ class EvalLogger:
 
 
 def finetune_worker(config: dict[str, Any]) -> None:
-    """The ``train_loop_per_worker`` of a fine-tuning job's ``TorchTrainer``."""
+    """The ``train_loop_per_worker`` of a fine-tuning job's trainer."""
     import ray.train
 
     from spark_core.finetune_engine import FinetuneEngine
@@ -241,7 +242,8 @@ def finetune_worker(config: dict[str, Any]) -> None:
         engine = FinetuneEngine(model, _engine_config(spec, len(classes)), callbacks=callbacks)
         if rank == 0:
             steps = engine.steps_per_epoch(train) * recipe.epochs
-            set_tags(ref, {TOTAL_STEPS_TAG: str(steps), GLOBAL_BATCH_TAG: str(engine.global_batch)})
+            tags = {TOTAL_STEPS_TAG: str(steps), GLOBAL_BATCH_TAG: str(engine.global_batch)}
+            set_tags(ref, {**tags, **worker_tags()})
         resume_from_checkpoint(engine, ref, rank, FINETUNE_CHECKPOINT_FILE)
         time_first_step(engine, clock, ref)
         engine.fit(train, val)

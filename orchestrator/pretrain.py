@@ -1,11 +1,12 @@
-"""The driver of one pre-training job: a ``TorchTrainer`` on Ray, tracked in one MLflow run.
+"""The driver of one pre-training job: a data-parallel trainer on Ray, tracked in one MLflow run.
 
 :func:`run_pretrain` opens (or, for a job id seen before, reopens) the job's MLflow run and
-logs the datasets it reads, fits a Ray Train V2 ``TorchTrainer`` named after the job id (so
-running the same id again resumes from its latest checkpoint), evaluates the final encoder as
-a Ray task, logs the encoder weights (timm layout), the encoder as an MLflow model (a timm
-feature extractor, optionally registered), the full checkpoint and the evaluation, and ends
-the MLflow run FINISHED, FAILED or KILLED (on :class:`JobCancelled` / ``KeyboardInterrupt``).
+logs the datasets it reads, fits a Ray Train V2 trainer
+(:func:`~orchestrator.training.build_trainer`) named after the job id (so running the same
+id again resumes from its latest checkpoint), evaluates the final encoder as a Ray task,
+logs the encoder weights (timm layout), the encoder as an MLflow model (a timm feature
+extractor, optionally registered), the full checkpoint and the evaluation, and ends the
+MLflow run FINISHED, FAILED or KILLED (on :class:`JobCancelled` / ``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from orchestrator.tracking import (
     log_model_once,
     open_job_run,
 )
-from orchestrator.training import CHECKPOINT_FILE, WorkerConfig, build_trainer, train_worker
+from orchestrator.training import WorkerConfig, build_trainer, train_worker
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _log_final_artifacts(
     """Log the encoder (timm layout, and as an MLflow model) and the full checkpoint;
     returns (encoder path, model URI, training state)."""
     from orchestrator.evaluation import final_model
-    from spark_core.checkpoint import export_encoder
+    from spark_core.checkpoint import CHECKPOINT_FILE, export_encoder, read_checkpoint
 
     model = final_model(spec, checkpoint)
     state: dict[str, Any] = {}
@@ -114,8 +115,6 @@ def _log_final_artifacts(
         if checkpoint is not None:
             with checkpoint.as_directory() as ckpt_dir:
                 log_file(ref, Path(ckpt_dir) / CHECKPOINT_FILE, CHECKPOINT_ARTIFACT_DIR)
-            from spark_core.checkpoint import read_checkpoint
-
             with checkpoint.as_directory() as ckpt_dir:
                 state = read_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE).get("extra", {})
     model_uri = log_model_once(

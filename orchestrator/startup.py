@@ -14,7 +14,7 @@ Marks, in order (the driver's, then a worker's):
 ==================  ============================================================
 ``driver_started``  the driver process started (Ray Jobs' supervisor launched it)
 ``run_opened``      its MLflow run exists (spec loaded, imports done)
-``fit_called``      connected to Ray, ``TorchTrainer.fit`` called
+``fit_called``      connected to Ray, the trainer's ``fit`` called
 ``worker_started``  the training function runs on rank 0 (Ray Train started the
                     controller and the worker group, and imported the function)
 ``model_ready``     rank 0 has its data, model and engine

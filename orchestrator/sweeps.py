@@ -2,7 +2,7 @@
 
 Each Tune trial runs a small driver function that builds the trial's
 :class:`~orchestrator.specs.PretrainSpec` (base + variant + searched values + seed) and runs
-it with :func:`~orchestrator.pretrain.run_pretrain`: its own ``TorchTrainer`` and its own
+it with :func:`~orchestrator.pretrain.run_pretrain`: its own Ray Train trainer and its own
 MLflow run, nested under the sweep's parent run. Rank 0's per-epoch reports reach Tune
 through ``TuneReportCallback`` (so ASHA can stop a trial on its pre-training loss); the
 trial's final metric is reported when it ends. The trial driver holds one unit of a custom

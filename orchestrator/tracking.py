@@ -134,18 +134,17 @@ def git_commit() -> str | None:
 
 
 def environment_tags(spec: PretrainSpec) -> dict[str, str]:
-    """The run's environment tags (versions from the installed distributions: the driver
-    does not import timm before its workers start)."""
+    """The run's environment tags, as the driver sees it (the version of timm from its
+    installed distribution, and PyTorch's from rank 0, :func:`worker_tags`: the driver
+    imports neither before its workers start)."""
     from importlib.metadata import version
 
     import mlflow
     import ray
-    import torch
 
     resources = spec.resources
     device = "cuda" if resources.gpus_per_worker > 0 else "cpu"
     tags = {
-        "sparkorch.version.torch": torch.__version__,
         "sparkorch.version.timm": version("timm"),
         "sparkorch.version.ray": ray.__version__,
         "sparkorch.version.mlflow": mlflow.__version__,
@@ -158,6 +157,13 @@ def environment_tags(spec: PretrainSpec) -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def worker_tags() -> dict[str, str]:
+    """Tags rank 0 adds: the PyTorch that trains (its build too: ``2.14.1+cu130``)."""
+    import torch
+
+    return {"sparkorch.version.torch": torch.__version__}
 
 
 def open_run(

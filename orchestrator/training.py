@@ -22,25 +22,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, unship
 from orchestrator.startup import FirstStepMark, StartupClock
-from orchestrator.tracking import (
-    GLOBAL_BATCH_TAG,
-    RESUMED_AT_STEP,
-    TOTAL_STEPS_TAG,
-    MetricsLogger,
-    ReconstructionPreview,
-    RunRef,
-    log_metrics,
-    set_tags,
-    system_metrics,
-)
-from spark_core.checkpoint import CHECKPOINT_FILE
+from orchestrator.torch_backend import TorchProcessGroup
 
+# PyTorch, MLflow (orchestrator.tracking) and the model load inside the functions that use
+# them: the driver imports this module to hand train_worker to Ray Train and must reach
+# ``fit`` without them, and only rank 0 talks to MLflow.
 if TYPE_CHECKING:
+    import torch
+
+    from orchestrator.tracking import MetricsLogger, RunRef
     from spark_core.engine import EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -87,7 +80,7 @@ class RayReporter:
         every: int,
         total_epochs: int,
         *,
-        checkpoint_file: str = CHECKPOINT_FILE,
+        checkpoint_file: str,
         report: Callable[[Any, Any], dict[str, Any]] = pretrain_report,
     ) -> None:
         self.rank = rank
@@ -125,23 +118,27 @@ def build_trainer(
     settings: OrchestratorSettings,
     callbacks: Sequence[Any] = (),
 ) -> Any:
-    """The job's ``TorchTrainer``: named after the job id (running the id again resumes from
+    """The job's data-parallel PyTorch trainer (``TorchTrainer``'s parts, with the process
+    group of :mod:`orchestrator.torch_backend`, so that neither this driver nor Ray Train's
+    controller imports PyTorch): named after the job id (running the id again resumes from
     its latest checkpoint), sized by ``spec.resources``, ``FailureConfig`` from
     ``spec.failures`` (worker-group restarts resume from the last checkpoint), keeping
     ``spec.checkpoint.keep`` checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     resources = spec.resources
+    use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.gpus_per_worker:
+    if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
-    return TorchTrainer(
+    return DataParallelTrainer(
         train_loop,
         train_loop_config=loop_config,
+        backend_config=TorchProcessGroup.for_devices(use_gpu),
         scaling_config=ScalingConfig(
             num_workers=resources.num_workers,
-            use_gpu=resources.gpus_per_worker > 0,
+            use_gpu=use_gpu,
             resources_per_worker=per_worker,
             placement_strategy=resources.placement_strategy,
         ),
@@ -158,6 +155,8 @@ def build_trainer(
 
 def worker_device(use_gpu: bool) -> torch.device:
     """This Ray Train worker's device."""
+    import torch
+
     if use_gpu:
         import ray.train.torch
 
@@ -168,20 +167,21 @@ def worker_device(use_gpu: bool) -> torch.device:
 def threads_per_worker(cpus_per_worker: float) -> None:
     """Each worker reserved ``cpus_per_worker`` CPUs; more intra-op threads would
     oversubscribe."""
+    import torch
+
     threads = max(int(cpus_per_worker), 1)
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """The ``train_loop_per_worker`` of the job's ``TorchTrainer``."""
+    """The ``train_loop_per_worker`` of the job's trainer."""
     import ray.train
+    import torch
 
-    # Here, not at the top: the driver imports this module only to hand this function to
-    # Ray Train, and must not spend seconds importing the model (timm) and the data
-    # pipeline (torchvision) before it starts.
     from orchestrator.datasets import pretrain_dataset
     from spark_core import build_spark
+    from spark_core.checkpoint import CHECKPOINT_FILE
     from spark_core.engine import PretrainEngine
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
@@ -196,13 +196,23 @@ def train_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(spec.seed)  # the same initial weights everywhere (DDP also broadcasts)
     model = build_spark(**spec.build_kwargs())
-    ref = RunRef(**worker.run)
     with ExitStack() as rank0:
         callbacks: list[Any] = []
+        ref = None
         if rank == 0:
+            from orchestrator.tracking import RunRef, system_metrics
+
+            ref = RunRef(**worker.run)
             callbacks.append(rank0.enter_context(_rank0_logger(spec, ref, cache, len(dataset))))
             rank0.enter_context(system_metrics(ref))
-        callbacks.append(RayReporter(rank, spec.checkpoint.every_epochs, spec.optim.epochs))
+        callbacks.append(
+            RayReporter(
+                rank,
+                spec.checkpoint.every_epochs,
+                spec.optim.epochs,
+                checkpoint_file=CHECKPOINT_FILE,
+            )
+        )
         engine = PretrainEngine(model, _engine_config(spec, device), callbacks=callbacks)
         resume_from_checkpoint(engine, ref, rank, CHECKPOINT_FILE)
         time_first_step(engine, clock, ref)
@@ -218,11 +228,14 @@ def worker_clock(startup: dict[str, Any] | None, rank: int) -> StartupClock | No
     return clock
 
 
-def time_first_step(engine: Any, clock: StartupClock | None, ref: RunRef) -> None:
+def time_first_step(engine: Any, clock: StartupClock | None, ref: RunRef | None) -> None:
     """Mark ``model_ready`` and log the ``startup/*`` metrics after the first step; only for
-    a fresh start (a worker group restored from a checkpoint is not the job's start)."""
-    if clock is None or engine.global_step > 0:
+    a fresh start (a worker group restored from a checkpoint is not the job's start) on
+    rank 0 (the only rank with a clock and a run)."""
+    if clock is None or ref is None or engine.global_step > 0:
         return
+    from orchestrator.tracking import log_metrics
+
     clock.mark("model_ready")
     engine.callbacks.append(FirstStepMark(clock, lambda values: log_metrics(ref, values, step=0)))
 
@@ -230,11 +243,23 @@ def time_first_step(engine: Any, clock: StartupClock | None, ref: RunRef) -> Non
 def _rank0_logger(spec: PretrainSpec, ref: RunRef, cache: Path, images: int) -> MetricsLogger:
     """Rank 0's metrics logger (and the run's step-count tags, read by progress)."""
     from orchestrator.datasets import preview_images, steps_per_epoch
+    from orchestrator.tracking import (
+        GLOBAL_BATCH_TAG,
+        TOTAL_STEPS_TAG,
+        MetricsLogger,
+        ReconstructionPreview,
+        set_tags,
+        worker_tags,
+    )
 
     total_steps = steps_per_epoch(images, spec) * spec.optim.epochs
     set_tags(
         ref,
-        {TOTAL_STEPS_TAG: str(total_steps), GLOBAL_BATCH_TAG: str(spec.optim.global_batch_size)},
+        {
+            TOTAL_STEPS_TAG: str(total_steps),
+            GLOBAL_BATCH_TAG: str(spec.optim.global_batch_size),
+            **worker_tags(),
+        },
     )
     preview = None
     if spec.tracking.reconstruction_every:
@@ -243,9 +268,12 @@ def _rank0_logger(spec: PretrainSpec, ref: RunRef, cache: Path, images: int) -> 
     return MetricsLogger(ref, log_every=spec.optim.log_every, reconstruction=preview)
 
 
-def resume_from_checkpoint(engine: Any, ref: RunRef, rank: int, checkpoint_file: str) -> None:
-    """Restore the engine from Ray Train's latest checkpoint, if there is one; rank 0 marks
-    the run with one ``train/resumed_at_step`` point per restore."""
+def resume_from_checkpoint(
+    engine: Any, ref: RunRef | None, rank: int, checkpoint_file: str
+) -> None:
+    """Restore the engine from Ray Train's latest checkpoint, if there is one; rank 0 (the
+    rank with a ``ref``) marks the run with one ``train/resumed_at_step`` point per
+    restore."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -254,7 +282,9 @@ def resume_from_checkpoint(engine: Any, ref: RunRef, rank: int, checkpoint_file:
     with checkpoint.as_directory() as folder:
         engine.resume(Path(folder) / checkpoint_file)
     logger.info("rank %d resumed at epoch %d, step %d", rank, engine.epoch, engine.global_step)
-    if rank == 0:
+    if ref is not None:
+        from orchestrator.tracking import RESUMED_AT_STEP, log_metrics
+
         log_metrics(ref, {RESUMED_AT_STEP: engine.global_step}, step=engine.global_step)
 
 

@@ -88,26 +88,56 @@ def test_alongside_runs_the_task_during_the_block_and_waits_for_it(
     assert "could not list" in caplog.text
 
 
-def test_the_driver_does_not_import_the_model_before_its_workers_start() -> None:
-    """A pre-training driver imports its module to hand the training function to Ray
-    Train: timm, torchvision and the SparK model (seconds of imports on a small VM) wait."""
+def _modules_loaded(probe: str) -> list[str]:
+    """Run ``probe`` in a fresh interpreter; it prints its answer as words."""
     import subprocess
     import sys
 
+    return subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split()
+
+
+def test_the_driver_does_not_import_torch_or_the_model_before_its_workers_start() -> None:
+    """A pre-training driver imports its module to hand the training function to Ray
+    Train: PyTorch, timm, torchvision and the SparK model (seconds of imports on a small VM)
+    wait, also while it records the run and builds the trainer."""
     probe = (
         "import sys, orchestrator.pretrain, spark_core;"
         "from orchestrator.kinds import get_kind;"
+        "from orchestrator.settings import OrchestratorSettings;"
         "from orchestrator.tracking import environment_tags;"
+        "from orchestrator.training import build_trainer, train_worker;"
         f"spec = get_kind('pretrain').load({str(SMOKE)!r}, data_roots=None);"
         "spec.flat_params(); environment_tags(spec);"  # what the driver records in MLflow
-        "print(sorted(m for m in ('timm', 'torchvision', 'spark_core.model') if m in sys.modules));"
+        "build_trainer(train_worker, {}, spec, job_id='j', settings=OrchestratorSettings());"
+        "heavy = ('torch', 'timm', 'torchvision', 'spark_core.model');"
+        "print(sorted(m for m in heavy if m in sys.modules) or 'none');"
         "spark_core.build_spark;"
         "print('timm' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
-    ).stdout.split()
-    assert out == ["[]", "True"], out  # not loaded by the import; loaded on first use
+    assert _modules_loaded(probe) == ["none", "True"]  # not loaded by the driver; on first use
+
+
+def test_ray_trains_controller_does_not_import_torch() -> None:
+    """The controller unpickles the trainer's backend config and runs its backend."""
+    probe = (
+        "import pickle, sys;"
+        "from orchestrator.torch_backend import TorchProcessGroup;"
+        "config = pickle.loads(pickle.dumps(TorchProcessGroup.for_devices(use_gpu=True)));"
+        "config.backend_cls(); config.train_func_context;"
+        "print(config.backend, 'torch' in sys.modules)"
+    )
+    assert _modules_loaded(probe) == ["nccl", "False"]
+
+
+def test_only_rank_0_imports_mlflow() -> None:
+    """Every worker imports the training module and the model; only rank 0 tracks."""
+    probe = (
+        "import sys, orchestrator.training, orchestrator.datasets, spark_core.engine;"
+        "print('mlflow' in sys.modules)"
+    )
+    assert _modules_loaded(probe) == ["False"]
 
 
 def test_every_lazy_name_of_spark_core_resolves() -> None:

@@ -1,8 +1,9 @@
 """Latency of the REST service under a steady load, on loopback.
 
     python scripts/loadtest.py [--rate 50] [--duration 30]
-    python scripts/loadtest.py --first-step      # POST -> first training step of the smoke job,
-                                                 # with the job's startup/* breakdown
+    python scripts/loadtest.py --first-step [--repeat 3]
+        # POST -> first training step of the smoke job, with the job's startup/* breakdown;
+        # each measured job is cancelled once its first step is seen
 
 Open loop: requests start on a fixed schedule whatever the answers do (so a slow service
 shows up as latency, not as a lower rate). Each iteration is ``POST /v1/jobs`` (the smoke
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from orchestrator.control.states import TERMINAL_STATES
 from orchestrator.specs import read_spec_file
 
 SMOKE = Path(__file__).resolve().parent.parent / "examples" / "pretrain-smoke.yaml"
@@ -107,41 +109,67 @@ def load(url: str, token: str, rate: float, duration: float) -> dict:
 
 
 def first_step(url: str, token: str, timeout: float = 900) -> dict:
-    headers = {"Authorization": f"Bearer {token}"}
+    """Submit the smoke job and time it to its first logged step. One keep-alive
+    connection polls four times a second: a new connection per request (TLS context and
+    all) cost this script seconds of CPU that the measured job, on a 2-core VM, missed."""
     spec = read_spec_file(SMOKE)
-    start = time.perf_counter()
-    job = httpx.post(
-        f"{url}/v1/jobs", json={"kind": "pretrain", "spec": spec}, headers=headers, timeout=30
-    ).json()
-    seen: dict[str, float] = {}
-    while time.perf_counter() - start < timeout:
-        state = httpx.get(f"{url}/v1/jobs/{job['id']}", headers=headers, timeout=30).json()
-        seen.setdefault(state["state"], time.perf_counter() - start)
-        progress = httpx.get(
-            f"{url}/v1/jobs/{job['id']}/progress", headers=headers, timeout=30
-        ).json()
-        if progress.get("step"):
-            return {
-                "job_id": job["id"],
-                "seconds_to_state": {k: round(v, 1) for k, v in seen.items()},
-                "seconds_to_first_logged_step": round(time.perf_counter() - start, 1),
-                "first_logged_step": progress["step"],
-                "startup_s": startup_breakdown(url, headers, job["id"]),
-            }
-        time.sleep(0.25)
-    raise TimeoutError("no training step within the timeout")
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as client:
+        start = time.perf_counter()
+        job = client.post("/v1/jobs", json={"kind": "pretrain", "spec": spec}).json()
+        seen: dict[str, float] = {}
+        try:
+            while time.perf_counter() - start < timeout:
+                state = client.get(f"/v1/jobs/{job['id']}").json()
+                seen.setdefault(state["state"], time.perf_counter() - start)
+                progress = client.get(f"/v1/jobs/{job['id']}/progress").json()
+                if progress.get("step"):
+                    return {
+                        "job_id": job["id"],
+                        "seconds_to_state": {k: round(v, 1) for k, v in seen.items()},
+                        "seconds_to_first_logged_step": round(time.perf_counter() - start, 1),
+                        "first_logged_step": progress["step"],
+                        "startup_s": startup_breakdown(client, job["id"]),
+                    }
+                time.sleep(0.25)
+            raise TimeoutError("no training step within the timeout")
+        finally:
+            cancel_and_wait(client, job["id"])
 
 
-def startup_breakdown(url: str, headers: dict, job_id: str, wait_s: float = 30) -> dict:
+def cancel_and_wait(client: httpx.Client, job_id: str, wait_s: float = 120) -> None:
+    """Cancel the measured job and wait until it has ended, so that it neither holds the
+    cluster's CPUs nor slows the next measurement down."""
+    client.post(f"/v1/jobs/{job_id}/cancel")
+    deadline = time.perf_counter() + wait_s
+    while time.perf_counter() < deadline:
+        if client.get(f"/v1/jobs/{job_id}").json()["state"] in TERMINAL_STATES:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} did not end within {wait_s:.0f} s of its cancel")
+
+
+def first_steps(url: str, token: str, repeat: int, settle_s: float = 10) -> dict:
+    """``repeat`` measurements one after the other (each job cancelled and ended before the
+    next, then ``settle_s`` for its processes to exit): every run, and the median."""
+    runs = []
+    for index in range(repeat):
+        if index:
+            time.sleep(settle_s)
+        runs.append(first_step(url, token))
+    if repeat == 1:
+        return runs[0]
+    seconds = sorted(run["seconds_to_first_logged_step"] for run in runs)
+    return {"median_s": statistics.median(seconds), "seconds": seconds, "runs": runs}
+
+
+def startup_breakdown(client: httpx.Client, job_id: str, wait_s: float = 30) -> dict:
     """The job's ``startup/*`` metrics (seconds from the POST to each mark; rank 0 logs them
     just after the first step, see orchestrator/startup.py)."""
     deadline = time.perf_counter() + wait_s
     while time.perf_counter() < deadline:
-        metrics = (
-            httpx.get(f"{url}/v1/jobs/{job_id}/results", headers=headers, timeout=30)
-            .json()
-            .get("metrics", {})
-        )
+        metrics = client.get(f"/v1/jobs/{job_id}/results").json().get("metrics", {})
         marks = {k.removeprefix("startup/").removesuffix("_s"): v for k, v in metrics.items()
                  if k.startswith("startup/")}  # fmt: skip
         if "first_step" in marks:
@@ -159,11 +187,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds")
     parser.add_argument("--first-step", action="store_true", help="time POST -> first step")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="with --first-step: measurements (median)"
+    )
     args = parser.parse_args()
     if not args.token:
         parser.error("set SPARKORCH_TOKEN or pass --token")
     if args.first_step:
-        result = first_step(args.url, args.token)
+        result = first_steps(args.url, args.token, args.repeat)
     else:
         result = load(args.url, args.token, args.rate, args.duration)
     print(json.dumps(result, indent=2))

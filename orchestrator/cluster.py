@@ -107,7 +107,7 @@ def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | Non
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     port = {} if dashboard_port is None else {"dashboard_port": dashboard_port}
     temp_dir = tempfile.mkdtemp(prefix="sparkorch-ray-")
-    with loopback_node_ip():
+    with loopback_node_ip(), process_logging_kept():
         context = ray.init(
             address="local",
             num_cpus=settings.ray_num_cpus,
@@ -125,6 +125,26 @@ def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | Non
     # (another user's, on a shared one). Hence a temp dir of its own that names this one.
     Path(temp_dir, RAY_ADDRESS_FILE).write_text(context.address_info["gcs_address"])
     return f"http://{context.dashboard_url}"
+
+
+@contextmanager
+def process_logging_kept() -> Iterator[None]:
+    """This process's root logger as it was, after a ``ray.init`` in the block.
+
+    ``ray.init``'s ``logging_config`` (WARNING: Ray's own INFO lines stay out of the job's
+    logs) sets the root logger of every process of the job, this one included: a driver's
+    INFO lines (its MLflow run, a resume) vanished once it had connected, and each of its
+    warnings was printed twice (a second handler). Ray's own logger keeps the quiet level.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @contextmanager
@@ -170,7 +190,8 @@ def ray_session(settings: OrchestratorSettings) -> Iterator[None]:
     # ``ray job stop`` into a clean cancellation).
     sigterm_handler = signal.getsignal(signal.SIGTERM)
     if settings.ray_address:
-        ray.init(address=settings.ray_address, logging_config=quiet)
+        with process_logging_kept():
+            ray.init(address=settings.ray_address, logging_config=quiet)
     else:
         init_local_cluster(settings)
     if threading.current_thread() is threading.main_thread() and sigterm_handler is not None:

@@ -48,6 +48,7 @@ from orchestrator.lifecycle import (
     cancel_on_sigterm,
     check_job_id,
     exit_after_cancel,
+    interrupted_by_cancel,
 )
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import SpecError
@@ -107,7 +108,7 @@ def _experiment(kind: str, spec: Any, settings: OrchestratorSettings) -> str:
     section = spec
     for part in get_kind(kind).section:
         section = getattr(section, part)
-    return section.tracking.experiment or settings.mlflow_experiment
+    return settings.experiment_for(section)
 
 
 def _load(driver: Driver, args: argparse.Namespace) -> Any:
@@ -158,7 +159,11 @@ def _run(driver: Driver, spec: Any) -> int:
             )
     except (JobCancelled, KeyboardInterrupt):
         raise  # JobCancelled is an Exception too: not a failure, main() handles it
-    except Exception:
+    except Exception as error:
+        if interrupted_by_cancel(error):
+            # A second SIGTERM (each defence sends one) cut the clean-up of the first, e.g.
+            # while the run was being ended KILLED: still a cancel, finished by main().
+            raise JobCancelled("cancelled during the clean-up") from error
         driver.logger.exception(
             "job failed; the MLflow %s is marked FAILED", get_kind(kind).run_label
         )

@@ -52,6 +52,19 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+def interrupted_by_cancel(error: BaseException) -> bool:
+    """Whether ``error`` came of a :class:`JobCancelled`: a library that catches exceptions
+    (MLflow's store does) turns a SIGTERM landing inside it into an error of its own."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, JobCancelled):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 @contextmanager
 def cancel_on_sigterm() -> Iterator[None]:
     """Turn SIGTERM (``ray job stop``, ``docker stop``, ``kill``) into :class:`JobCancelled`."""

@@ -18,25 +18,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.cluster import ray_session
 from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, ship
 from orchestrator.startup import StartupClock, alongside
-from orchestrator.tracking import (
-    DataSplit,
-    RunRef,
-    dataset_input,
-    end_run,
-    log_datasets,
-    log_file,
-    log_metrics,
-    log_model_once,
-    open_job_run,
-)
 from orchestrator.training import WorkerConfig, build_trainer, train_worker
+
+# MLflow (orchestrator.tracking) loads inside the functions that use it: the driver starts
+# Ray Train first and opens the MLflow run while the workers start (see run_pretrain).
+if TYPE_CHECKING:
+    from orchestrator.tracking import RunRef
 
 logger = logging.getLogger(__name__)
 
@@ -75,20 +69,21 @@ class PretrainResult(JobResult):
 def _trainer(
     spec: PretrainSpec,
     job_id: str,
-    ref: RunRef,
     settings: OrchestratorSettings,
     callbacks: Sequence[Any] = (),
     startup: StartupClock | None = None,
 ):
+    """The job's trainer; rank 0 finds the MLflow run, which the driver opens meanwhile, by
+    the job id (:func:`~orchestrator.tracking.locate_run`)."""
     if startup is not None:
         startup.mark("fit_called")
     worker = WorkerConfig(
         spec=ship(spec, settings.allowed_data_roots),
         job_id=job_id,
         run={
-            "tracking_uri": ref.tracking_uri,
-            "experiment_id": ref.experiment_id,
-            "run_id": ref.run_id,
+            "tracking_uri": settings.tracking_uri,
+            "experiment": settings.experiment_for(spec),
+            "job_id": job_id,
         },
         dataset_cache=str(settings.dataset_cache),
         startup=startup.to_dict() if startup is not None else None,
@@ -104,6 +99,7 @@ def _log_final_artifacts(
     """Log the encoder (timm layout, and as an MLflow model) and the full checkpoint;
     returns (encoder path, model URI, training state)."""
     from orchestrator.evaluation import final_model
+    from orchestrator.tracking import log_file, log_model_once
     from spark_core.checkpoint import CHECKPOINT_FILE, export_encoder, read_checkpoint
 
     model = final_model(spec, checkpoint)
@@ -144,6 +140,8 @@ def encoder_network(spec: PretrainSpec, model: Any) -> Any:
 def _log_data_inputs(spec: PretrainSpec, ref: RunRef) -> None:
     """The run's datasets: the images pre-training reads ("training": less the evaluation's
     hold-out, if any) and those the evaluation scores on ("evaluation")."""
+    from orchestrator.tracking import DataSplit, dataset_input, log_datasets
+
     data, evaluation = spec.data, spec.evaluation
     evaluates = evaluation.method != "none"
     holdout = evaluates and data.eval is None and data.holdout
@@ -156,44 +154,55 @@ def _log_data_inputs(spec: PretrainSpec, ref: RunRef) -> None:
     log_datasets(ref, inputs)
 
 
-def fit_interruptibly(trainer: Any) -> Any:
-    """``trainer.fit()`` in a helper thread while the main thread waits in Python.
+class BackgroundFit:
+    """``trainer.fit()`` in a helper thread, started at once; :meth:`result` waits in Python.
 
     A signal handler that raises (SIGTERM -> :class:`JobCancelled`) then interrupts a plain
     ``join`` instead of Ray's blocking C call, where the exception would be mangled.
-    Leaving ``ray_session`` afterwards disconnects the driver, which stops the run's actors.
+    Leaving ``ray_session`` afterwards disconnects the driver, which stops the run's actors,
+    also of a fit nobody waits for any more.
     """
-    outcome: dict[str, Any] = {}
 
-    def fit() -> None:
+    def __init__(self, trainer: Any) -> None:
+        self._outcome: dict[str, Any] = {}
+        self._thread = threading.Thread(
+            target=self._fit, args=(trainer,), name="ray-train-fit", daemon=True
+        )
+        self._thread.start()
+
+    def _fit(self, trainer: Any) -> None:
         try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # handed to the main thread below
-            outcome["error"] = error
+            self._outcome["result"] = trainer.fit()
+        except BaseException as error:  # handed to the waiting thread by result()
+            self._outcome["error"] = error
 
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    def result(self) -> Any:
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.5)
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]
 
 
-def _fit_and_finish(
+def fit_interruptibly(trainer: Any) -> Any:
+    """``trainer.fit()``, interruptible by signals (see :class:`BackgroundFit`)."""
+    return BackgroundFit(trainer).result()
+
+
+def _finish(
     spec: PretrainSpec,
     job_id: str,
     ref: RunRef,
     settings: OrchestratorSettings,
-    trainer_callbacks: Sequence[Any] = (),
-    startup: StartupClock | None = None,
+    fit: BackgroundFit,
+    start: float,
 ) -> PretrainResult:
-    start = time.perf_counter()
-    trainer = _trainer(spec, job_id, ref, settings, trainer_callbacks, startup)
-    result = fit_interruptibly(trainer)
+    """Wait for training, then log the final artifacts and the evaluation."""
+    result = fit.result()
     # The model's code (timm) loads only now: the driver needs it after training, and
     # importing it before would delay the workers' start by seconds.
     from orchestrator.evaluation import run_evaluation
+    from orchestrator.tracking import log_metrics
 
     checkpoint = result.checkpoint
     encoder, model_uri, state = _log_final_artifacts(spec, ref, checkpoint)
@@ -258,29 +267,36 @@ def run_pretrain(
     """
     settings = settings or OrchestratorSettings()
     job_id = check_job_id(job_id or new_job_id())
-    ref, reopened = open_job_run(
-        spec,
-        job_id,
-        settings,
-        parent_run_id=parent_run_id,
-        extra_tags=extra_tags,
-        extra_params=extra_params,
-    )
-    if reopened:
-        logger.info("job %s ran before: resuming MLflow run %s", job_id, ref.run_id)
-    if startup is not None:
-        startup.mark("run_opened")
-    if on_run_open is not None:
-        on_run_open(job_id, ref)
-    status = "FAILED"
-    try:
-        datasets = alongside(lambda: _log_data_inputs(spec, ref), "log the datasets")
-        with datasets, ray_session(settings):
-            result = _fit_and_finish(spec, job_id, ref, settings, trainer_callbacks, startup)
-        status = "FINISHED"
-        return result
-    except (JobCancelled, KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        end_run(ref, status)
+    with ray_session(settings):
+        # Ray Train first: its controller and workers take seconds to start (processes, and
+        # PyTorch imported in each), which this driver spends on opening the MLflow run.
+        start = time.perf_counter()
+        fit = BackgroundFit(_trainer(spec, job_id, settings, trainer_callbacks, startup))
+        from orchestrator.tracking import end_run, log_metrics, open_job_run
+
+        ref, reopened = open_job_run(
+            spec,
+            job_id,
+            settings,
+            parent_run_id=parent_run_id,
+            extra_tags=extra_tags,
+            extra_params=extra_params,
+        )
+        if reopened:
+            logger.info("job %s ran before: resuming MLflow run %s", job_id, ref.run_id)
+        status = "FAILED"
+        try:
+            if startup is not None:  # rank 0 logs the other marks: its clock left before this
+                startup.mark("run_opened")
+                log_metrics(ref, startup.metrics(["run_opened"]), step=0)
+            if on_run_open is not None:
+                on_run_open(job_id, ref)
+            with alongside(lambda: _log_data_inputs(spec, ref), "log the datasets"):
+                result = _finish(spec, job_id, ref, settings, fit, start)
+            status = "FINISHED"
+            return result
+        except (JobCancelled, KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        finally:
+            end_run(ref, status)

@@ -12,7 +12,7 @@ import json
 import os
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -140,6 +140,11 @@ class OrchestratorSettings(BaseSettings):
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    def experiment_for(self, spec: Any) -> str:
+        """The MLflow experiment of a job whose spec (a sweep: its base) is ``spec``: the
+        spec's own ``tracking.experiment``, else ``mlflow_experiment``."""
+        return spec.tracking.experiment or self.mlflow_experiment
 
     @property
     def artifact_root(self) -> Path:

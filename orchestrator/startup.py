@@ -9,12 +9,13 @@ the run's charts and in ``GET /v1/jobs/{id}/results``; ``scripts/loadtest.py --f
 prints them. Only a fresh start logs them: a worker group restored from a checkpoint does
 not (a job submitted again before its first checkpoint logs a second set at step 0).
 
-Marks, in order (the driver's, then a worker's):
+Marks, in a pre-training job's order (the driver's, then a worker's; a fine-tuning driver
+opens its run before it calls ``fit``):
 
 ==================  ============================================================
 ``driver_started``  the driver process started (Ray Jobs' supervisor launched it)
-``run_opened``      its MLflow run exists (spec loaded, imports done)
-``fit_called``      connected to Ray, the trainer's ``fit`` called
+``fit_called``      spec loaded, connected to Ray, the trainer's ``fit`` called
+``run_opened``      its MLflow run exists (opened while Ray Train starts)
 ``worker_started``  the training function runs on rank 0 (Ray Train started the
                     controller and the worker group, and imported the function)
 ``model_ready``     rank 0 has its data, model and engine
@@ -28,7 +29,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +40,8 @@ STARTUP_PREFIX = "startup/"
 LOG_WAIT_S = 5.0  # at the first epoch's end, the longest wait for the startup metrics
 MARKS = (
     "driver_started",
-    "run_opened",
     "fit_called",
+    "run_opened",
     "worker_started",
     "model_ready",
     "first_step",
@@ -87,11 +88,11 @@ class StartupClock:
             raise ValueError(f"unknown startup mark {name!r}; one of {', '.join(MARKS)}")
         self.marks.setdefault(name, time.time() if at is None else at)
 
-    def metrics(self) -> dict[str, float]:
-        """``startup/<mark>_s``: seconds from the origin to each mark reached."""
+    def metrics(self, names: Iterable[str] = MARKS) -> dict[str, float]:
+        """``startup/<mark>_s``: seconds from the origin to each mark reached (of ``names``)."""
         return {
             f"{STARTUP_PREFIX}{name}_s": round(self.marks[name] - self.origin, 3)
-            for name in MARKS
+            for name in names
             if name in self.marks
         }
 

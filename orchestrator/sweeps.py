@@ -536,7 +536,7 @@ def run_sweep(
     ref, _ = open_run(
         settings,
         job_id=job_id,
-        experiment=sweep.base.tracking.experiment or settings.mlflow_experiment,
+        experiment=settings.experiment_for(sweep.base),
         run_name=sweep.name,
         tags={**sweep.tags, "sparkorch.kind": "sweep", "sparkorch.metric": sweep.metric},
         params=flatten(sweep.model_dump(mode="json", exclude={"tags", "base"})),

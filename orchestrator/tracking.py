@@ -57,6 +57,11 @@ CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
 # optional nvidia-ml-py); read by system_metrics_interval() only. 0 turns them off.
 SYSTEM_METRICS_INTERVAL_ENV = "SPARKORCH_SYSTEM_METRICS_INTERVAL_S"
 DEFAULT_SYSTEM_METRICS_INTERVAL_S = 10.0
+# Rank 0 of a pre-training job looks its run up by the job id (the driver opens it while Ray
+# Train starts): every RUN_LOOKUP_POLL_S, for at most RUN_LOOKUP_TIMEOUT_S (the driver opens
+# it in seconds; when the driver dies, Ray stops the workers long before this).
+RUN_LOOKUP_POLL_S = 0.5
+RUN_LOOKUP_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,41 @@ class RunRef:
     tracking_uri: str
     experiment_id: str
     run_id: str
+
+
+class RunNotFoundError(RuntimeError):
+    """The job's MLflow run did not appear in time (see :func:`locate_run`)."""
+
+
+def locate_run(run: Mapping[str, str], timeout_s: float = RUN_LOOKUP_TIMEOUT_S) -> RunRef:
+    """Rank 0's MLflow run, from what its driver shipped.
+
+    ``run`` holds a :class:`RunRef`'s fields when the driver opened the run before starting
+    the trainer (fine-tuning), or ``tracking_uri``, ``experiment`` (a name) and ``job_id``
+    when it opens the run while Ray Train starts (pre-training: the controller and workers
+    take seconds to start, which the driver spends on MLflow). Then the run is looked up by
+    its job id until it exists (a run reopened for a job submitted again is the same run).
+
+    Raises:
+        RunNotFoundError: no such run within ``timeout_s``.
+    """
+    if run.get("run_id"):
+        return RunRef(run["tracking_uri"], run["experiment_id"], run["run_id"])
+    client = client_for(run["tracking_uri"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        experiment = client.get_experiment_by_name(run["experiment"])
+        if experiment is not None:
+            run_id = find_job_run(client, experiment.experiment_id, run["job_id"])
+            if run_id is not None:
+                return RunRef(run["tracking_uri"], experiment.experiment_id, run_id)
+        if time.monotonic() >= deadline:
+            raise RunNotFoundError(
+                f"no MLflow run of job {run['job_id']} in experiment {run['experiment']!r} "
+                f"at {run['tracking_uri']} after {timeout_s:.0f} s: its driver did not open it "
+                "(see the job's logs)"
+            )
+        time.sleep(RUN_LOOKUP_POLL_S)
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -223,7 +263,7 @@ def open_job_run(
     return open_run(
         settings,
         job_id=job_id,
-        experiment=spec.tracking.experiment or settings.mlflow_experiment,
+        experiment=settings.experiment_for(spec),
         run_name=spec.name,
         tags=tags,
         params={**spec.flat_params(), **(extra_params or {})},

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, unship
 from orchestrator.startup import FirstStepMark, StartupClock
-from orchestrator.torch_backend import TorchProcessGroup
+from orchestrator.torch_backend import JobTrainer, TorchProcessGroup
 
 # PyTorch, MLflow (orchestrator.tracking) and the model load inside the functions that use
 # them: the driver imports this module to hand train_worker to Ray Train and must reach
@@ -46,7 +46,7 @@ class WorkerConfig:
 
     spec: dict[str, Any]
     job_id: str
-    run: dict[str, str]
+    run: dict[str, str]  # where rank 0 finds the MLflow run: see tracking.locate_run
     dataset_cache: str
     startup: dict[str, Any] | None = None  # the driver's StartupClock.to_dict()
 
@@ -119,20 +119,19 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
 ) -> Any:
     """The job's data-parallel PyTorch trainer (``TorchTrainer``'s parts, with the process
-    group of :mod:`orchestrator.torch_backend`, so that neither this driver nor Ray Train's
-    controller imports PyTorch): named after the job id (running the id again resumes from
-    its latest checkpoint), sized by ``spec.resources``, ``FailureConfig`` from
+    group and trainer of :mod:`orchestrator.torch_backend`, so that neither this driver nor
+    Ray Train's controller imports PyTorch): named after the job id (running the id again
+    resumes from its latest checkpoint), sized by ``spec.resources``, ``FailureConfig`` from
     ``spec.failures`` (worker-group restarts resume from the last checkpoint), keeping
     ``spec.checkpoint.keep`` checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     resources = spec.resources
     use_gpu = resources.gpus_per_worker > 0
     per_worker = {"CPU": resources.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
-    return DataParallelTrainer(
+    return JobTrainer(
         train_loop,
         train_loop_config=loop_config,
         backend_config=TorchProcessGroup.for_devices(use_gpu),
@@ -200,9 +199,9 @@ def train_worker(config: dict[str, Any]) -> None:
         callbacks: list[Any] = []
         ref = None
         if rank == 0:
-            from orchestrator.tracking import RunRef, system_metrics
+            from orchestrator.tracking import locate_run, system_metrics
 
-            ref = RunRef(**worker.run)
+            ref = locate_run(worker.run)
             callbacks.append(rank0.enter_context(_rank0_logger(spec, ref, cache, len(dataset))))
             rank0.enter_context(system_metrics(ref))
         callbacks.append(

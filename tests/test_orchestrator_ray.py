@@ -131,6 +131,9 @@ def test_two_worker_job_learns_and_leaves_a_complete_mlflow_record(
     for key in ("train/lr", "train/weight_decay", "train/grad_norm", "train/images_per_sec"):
         assert len(mlflow_client.get_metric_history(result.run_id, key)) == 12, key
     assert 0.0 <= run.data.metrics["eval/knn_top1"] <= 100.0
+    # Ray Train started what the job needs: no dataset manager (the job reads its own files).
+    assert _actor_classes() >= {"TrainController", "RayTrainWorker"}
+    assert "DatasetManager" not in _actor_classes()
 
     artifacts = {a.path for a in mlflow_client.list_artifacts(result.run_id)}
     assert {"spec", "encoder", "checkpoint", "images"} <= artifacts
@@ -314,6 +317,13 @@ def test_a_failing_job_ends_failed_in_mlflow(ray_cluster: RayTestCluster) -> Non
 
 
 # ---------------------------------------------------------------------------- clusters
+
+
+def _actor_classes() -> set[str]:
+    """The class of every actor the cluster has seen."""
+    from ray.util.state import list_actors
+
+    return {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
 
 
 def _train_workers() -> dict[str, str]:

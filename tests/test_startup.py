@@ -99,24 +99,26 @@ def _modules_loaded(probe: str) -> list[str]:
 
 
 def test_the_driver_does_not_import_torch_or_the_model_before_its_workers_start() -> None:
-    """A pre-training driver imports its module to hand the training function to Ray
-    Train: PyTorch, timm, torchvision and the SparK model (seconds of imports on a small VM)
-    wait, also while it records the run and builds the trainer."""
+    """A pre-training driver imports its module to hand the training function to Ray Train:
+    PyTorch, timm, torchvision and the SparK model (seconds of imports on a small VM) wait,
+    MLflow until the trainer runs (the run opens while Ray Train starts), and recording the
+    run imports none of the others."""
     probe = (
         "import sys, orchestrator.pretrain, spark_core;"
         "from orchestrator.kinds import get_kind;"
         "from orchestrator.settings import OrchestratorSettings;"
-        "from orchestrator.tracking import environment_tags;"
         "from orchestrator.training import build_trainer, train_worker;"
         f"spec = get_kind('pretrain').load({str(SMOKE)!r}, data_roots=None);"
-        "spec.flat_params(); environment_tags(spec);"  # what the driver records in MLflow
         "build_trainer(train_worker, {}, spec, job_id='j', settings=OrchestratorSettings());"
         "heavy = ('torch', 'timm', 'torchvision', 'spark_core.model');"
+        "print(sorted(m for m in (*heavy, 'mlflow') if m in sys.modules) or 'none');"
+        "from orchestrator.tracking import environment_tags;"
+        "spec.flat_params(); environment_tags(spec);"  # what the driver records in MLflow
         "print(sorted(m for m in heavy if m in sys.modules) or 'none');"
         "spark_core.build_spark;"
         "print('timm' in sys.modules)"
     )
-    assert _modules_loaded(probe) == ["none", "True"]  # not loaded by the driver; on first use
+    assert _modules_loaded(probe) == ["none", "none", "True"]  # not by the driver; on use
 
 
 def test_ray_trains_controller_does_not_import_torch() -> None:

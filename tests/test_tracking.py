@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ from orchestrator.tracking import (
     JOB_ID_TAG,
     STOPPED_TAG,
     MetricsLogger,
+    RunNotFoundError,
     client_for,
     end_run,
     find_children,
+    locate_run,
     mark_stopped,
     open_job_run,
     open_run,
@@ -102,6 +105,26 @@ def test_end_run_sets_each_status_and_reopening_resumes(settings: OrchestratorSe
     assert _status(ref) == "KILLED"
     with pytest.raises(Exception, match="BOGUS"):
         end_run(again, "BOGUS")
+
+
+def test_rank_0_finds_the_run_its_driver_opens_meanwhile(settings: OrchestratorSettings) -> None:
+    """The pre-training driver starts Ray Train, then opens the run; rank 0 waits for it."""
+    import threading
+
+    shipped = {"tracking_uri": settings.tracking_uri, "experiment": "tracking-test"}
+    opened: list[Any] = []
+    driver = threading.Timer(1.0, lambda: opened.append(_open(settings, "job-late")[0]))
+    driver.start()
+    try:
+        # Neither the experiment nor the run exists yet: looked up until both do.
+        found = locate_run({**shipped, "job_id": "job-late"}, timeout_s=60)
+    finally:
+        driver.join()
+    assert found == opened[0]
+    # A run the driver opened first is taken as shipped, without a lookup.
+    assert locate_run({**asdict(found), "tracking_uri": "unused://"}).run_id == found.run_id
+    with pytest.raises(RunNotFoundError, match=r"no MLflow run of job job-never .* after 1 s"):
+        locate_run({**shipped, "job_id": "job-never"}, timeout_s=1)
 
 
 def _tags(ref) -> dict[str, str]:

@@ -2,7 +2,9 @@
 
 Synthetic sources are generated on first use under the settings' dataset cache, once per
 node (generation is atomic, so workers racing on one node share one copy); folders are read
-where they lie (the spec has already checked that they are under a data root).
+where they lie (the spec has already checked that they are under a data root). Pre-training
+reads them through the spec's ``data.decoder`` (:data:`spark_core.gpu_input.INPUT_DECODERS`):
+``gpu`` reads encoded JPEGs, so its synthetic images are generated as JPEG.
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ from spark_core.data import (
     ImageFolderDataset,
     build_eval_transform,
     build_loader,
-    build_pretrain_transform,
     generate_synthetic_dataset,
     split_train_val,
 )
+from spark_core.gpu_input import input_decoder
+
+#: The format synthetic sources have always been generated in (their cache names omit it).
+_DEFAULT_SYNTHETIC_FORMAT = "png"
 
 
-def materialize(source: DataSource, cache: Path) -> Path:
-    """The folder holding ``source``'s images (generated first when synthetic)."""
+def materialize(
+    source: DataSource, cache: Path, image_format: str = _DEFAULT_SYNTHETIC_FORMAT
+) -> Path:
+    """The folder holding ``source``'s images (generated first, as ``image_format`` files,
+    when synthetic)."""
     if isinstance(source, SyntheticData):
         name = (
             f"synthetic-{source.style}-n{source.count}-s{source.size}-"
             f"c{source.classes}-seed{source.seed}"
         )
+        if image_format != _DEFAULT_SYNTHETIC_FORMAT:
+            name += f"-{image_format}"
         return generate_synthetic_dataset(
             cache / name,
             num_images=source.count,
@@ -37,6 +47,7 @@ def materialize(source: DataSource, cache: Path) -> Path:
             num_classes=source.classes,
             seed=source.seed,
             style=source.style,
+            image_format=image_format,
         )
     return Path(source.path)
 
@@ -61,13 +72,16 @@ def _holdout_split(spec: PretrainSpec, root: Path) -> tuple[Subset, Subset]:
 
 
 def pretrain_dataset(spec: PretrainSpec, cache: Path) -> Dataset:
-    """Unlabelled, augmented pre-training images (minus the evaluation hold-out, if any)."""
-    root = materialize(spec.data.train, cache)
-    images = ImageFolderDataset(
-        root, build_pretrain_transform(spec.model.input_size), labelled=False
-    )
+    """Unlabelled pre-training images (minus the evaluation hold-out, if any), as
+    ``data.decoder`` reads them: augmented tensors (``cpu``), or encoded JPEGs with their
+    crops, for the engine to decode and augment on the device (``gpu``)."""
+    decoder = input_decoder(spec.data.decoder)
+    root = materialize(spec.data.train, cache, decoder.synthetic_format)
+    images = decoder.dataset(root, spec.model.input_size)
     if _evaluates(spec) and spec.data.eval is None and spec.data.holdout:
-        # Both listings are sorted by path, so the split's indices carry over.
+        # Both listings are sorted by path, so the split's indices carry over; so do they
+        # between a synthetic source's PNG and JPEG copies (the same names but the suffix),
+        # which keeps the probe's split (on the PNGs) out of a gpu decoder's pre-training.
         train, _ = _holdout_split(spec, root)
         return Subset(images, train.indices)
     return images

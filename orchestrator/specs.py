@@ -48,6 +48,7 @@ PATCH_STRIDE = 32
 MAX_HIERARCHY = 4
 MAX_DECODER_DEPTH = 8
 DENSIFY_NORMS = ("auto", "bn", "ln", "identity")
+DECODERS = ("cpu", "gpu")  # spark_core.gpu_input.INPUT_DECODERS
 
 # MLflow tags the service writes itself; a spec's own tags may not use them.
 JOB_ID_TAG = "job_id"
@@ -335,6 +336,13 @@ class DataSpec(_Strict):
     eval: DataSource | None = None
     holdout: bool = True
     loader_workers: int = Field(default=0, ge=0, le=32)
+    decoder: Literal[DECODERS] = Field(  # type: ignore[valid-type]
+        default="cpu",
+        description="where pre-training images are decoded and augmented: cpu (PIL in the "
+        "loader workers, the reference) or gpu (JPEG only: the workers read the files, each "
+        "worker's GPU decodes and augments them; needs resources.gpus_per_worker > 0; "
+        "synthetic data is then generated as JPEG)",
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -472,6 +480,14 @@ class PretrainSpec(_Strict):
                 self.spark.mask_ratio,
                 f"at model.input_size={self.model.input_size}: {problem}",
             )
+        if self.data.decoder == "gpu" and self.resources.gpus_per_worker <= 0:
+            yield (
+                ("data", "decoder"),
+                self.data.decoder,
+                "gpu decodes and augments the images on each worker's GPU, but "
+                "resources.gpus_per_worker is 0; give the workers a GPU "
+                "(resources.gpus_per_worker: 1) or use data.decoder: cpu",
+            )
         workers = self.resources.num_workers
         batch = self.optim.global_batch_size
         if batch % workers:
@@ -545,6 +561,7 @@ class PretrainSpec(_Strict):
             seed=self.seed,
             log_every=optim.log_every,
             loader_workers=self.data.loader_workers,
+            decoder=self.data.decoder,
             device=device,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=self.checkpoint.every_epochs,

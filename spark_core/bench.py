@@ -17,12 +17,17 @@ and the script prints img/s for each plus the ratios:
 * ``reference``: the reference code's algorithm (:mod:`spark_core.reference_impl`), fp32
   as the reference runs it (``--reference-precision`` to change);
 * ``dense``: a plain timm classification step of the same backbone at the same precision.
+
+``python -m spark_core.bench --data [--device cuda]`` measures the pre-training input
+pipeline instead (JPEG decode + augmentation, DataLoader workers vs on the device): see
+:mod:`spark_core.input_bench`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import statistics
 import time
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import Lamb
 
+from spark_core import input_bench
 from spark_core.engine import PRECISIONS, EngineConfig, PretrainEngine, param_groups
 from spark_core.model import build_spark
 from spark_core.reference_impl import build_reference_spark
@@ -247,7 +253,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="print the spark step's top ops (torch.profiler)"
     )
+    input_bench.add_arguments(parser)
     args = parser.parse_args(argv)
+    for key, value in (input_bench.DATA_DEFAULTS if args.data else {}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     for key, value in DEVICE_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -347,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.malloc_tuning:
         keep_freed_memory_in_process()
+    if args.data:
+        # Progress goes to stderr; stdout keeps only the report.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        data = input_bench.run(args)
+        print(json.dumps(data, indent=2) if args.json else input_bench.format_report(data))
+        return 0
     if args.profile:
         print(profile(args))
         return 0

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,14 @@ logger = logging.getLogger(__name__)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+JPEG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg")
+
+#: The reference pre-training crop: area fraction kept and aspect-ratio range (torchvision's
+#: ``RandomResizedCrop`` semantics), and the horizontal-flip probability. Both input paths
+#: (:func:`build_pretrain_transform` and :mod:`spark_core.gpu_input`) read them from here.
+PRETRAIN_CROP_SCALE: tuple[float, float] = (0.67, 1.0)
+PRETRAIN_CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+PRETRAIN_FLIP_P = 0.5
 
 #: Errors that mean "this file cannot be decoded as an image" (PIL raises all of these).
 _UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -49,6 +57,7 @@ _UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+SampleT = TypeVar("SampleT")
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,8 +89,10 @@ def _check_input_size(input_size: int | tuple[int, int]) -> tuple[int, int]:
 def build_pretrain_transform(input_size: int | tuple[int, int]) -> ImageTransform:
     """The SparK reference pre-training augmentation.
 
-    ``RandomResizedCrop(input_size, scale=(0.67, 1.0), bicubic)`` -> ``RandomHorizontalFlip`` ->
-    ``ToTensor`` -> ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``.
+    ``RandomResizedCrop(input_size, scale=PRETRAIN_CROP_SCALE (0.67-1), bicubic)`` ->
+    ``RandomHorizontalFlip(PRETRAIN_FLIP_P)`` -> ``ToTensor`` ->
+    ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``. :class:`spark_core.gpu_input.DeviceAugment` is
+    the same augmentation on decoded tensors, on any device.
 
     Args:
         input_size: output side length, or ``(height, width)``.
@@ -93,9 +104,12 @@ def build_pretrain_transform(input_size: int | tuple[int, int]) -> ImageTransfor
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
-                size, scale=(0.67, 1.0), interpolation=InterpolationMode.BICUBIC
+                size,
+                scale=PRETRAIN_CROP_SCALE,
+                ratio=PRETRAIN_CROP_RATIO,
+                interpolation=InterpolationMode.BICUBIC,
             ),
-            transforms.RandomHorizontalFlip(),
+            transforms.RandomHorizontalFlip(PRETRAIN_FLIP_P),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
@@ -287,6 +301,16 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def load_image(self, index: int) -> tuple[Image.Image, int]:
         """The untransformed RGB PIL image and label at ``index`` (with bad-file fallback)."""
+        return self.read_sample(index, self._load)
+
+    def read_sample(self, index: int, read: Callable[[Path], SampleT]) -> tuple[SampleT, int]:
+        """``(read(path), label)`` of sample ``index``, or of the next readable sample when
+        ``read`` fails with an unreadable-image error (the bad-file fallback of this class).
+
+        Raises:
+            IndexError: ``index`` out of range.
+            RuntimeError: no file of the dataset can be read.
+        """
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for dataset of size {n}")
@@ -296,7 +320,7 @@ class ImageFolderDataset(Dataset[tuple[torch.Tensor, int]]):
             if path in self.bad_files:
                 continue
             try:
-                return self._load(path), label
+                return read(path), label
             except _UNREADABLE_ERRORS as exc:
                 self.bad_files.add(path)
                 logger.warning(
@@ -817,6 +841,7 @@ def build_loader(
     drop_last: bool = True,
     sampler: Sampler[int] | None = None,
     pin_memory: bool = False,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> DataLoader[Any]:
     """A ``DataLoader`` whose sample order (and worker RNGs) are reproducible for ``seed``.
 
@@ -833,6 +858,8 @@ def build_loader(
         drop_last: drop the last incomplete batch.
         sampler: custom sampler (e.g. ``DistributedSampler``); replaces ``shuffle``.
         pin_memory: pin host memory for faster host-to-GPU copies.
+        collate_fn: merges a list of samples into a batch (default: PyTorch's, which
+            stacks tensors); e.g. :func:`spark_core.gpu_input.collate_encoded`.
 
     Raises:
         ValueError: ``batch_size < 1``, ``num_workers < 0``, or ``drop_last`` with fewer samples
@@ -859,6 +886,7 @@ def build_loader(
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=pin_memory,
+        collate_fn=collate_fn,
         worker_init_fn=_seed_worker,
         generator=generator,
         persistent_workers=num_workers > 0,

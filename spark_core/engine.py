@@ -14,6 +14,10 @@
 * DDP: under an initialised multi-worker process group the engine wraps the model in
   ``DistributedDataParallel`` itself, after synchronising every batch norm's statistics
   across workers (the reference's SyncBatchNorm);
+* the input decoded and augmented by PIL in the loader workers (``decoder="cpu"``, the
+  reference), or on the training device (``decoder="gpu"``: the workers read encoded JPEGs
+  and draw each sample's crop and flip, :class:`~spark_core.gpu_input.DeviceAugment` decodes
+  and augments the batch before the step; see :mod:`spark_core.gpu_input`);
 * metrics through callbacks. The step itself never reads a value back to the host:
   losses and grad norms stay on the device and are fetched in one transfer every
   ``log_every`` steps, and after each epoch's first step (a new job shows its first step).
@@ -43,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from spark_core.backbones import resolve_family
 from spark_core.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from spark_core.gpu_input import input_decoder
 from spark_core.model import SparK
 from spark_core.optim import Lamb, clip_factor, compiled_or_eager
 from spark_core.runtime import autocast_is_native, cudnn_autotuning
@@ -159,7 +164,10 @@ class EngineConfig:
 
     ``batch_size`` is per process; ``global_batch_size`` (default: batch x world size)
     sets the peak lr through :func:`peak_lr`. ``loader_workers`` is the DataLoader's worker
-    processes per rank (not the number of ranks).
+    processes per rank (not the number of ranks). ``decoder`` is where images are decoded and
+    augmented (a key of :data:`~spark_core.gpu_input.INPUT_DECODERS`): ``"cpu"`` in the loader
+    workers, from a dataset of tensors; ``"gpu"`` on ``device``, from a
+    :class:`~spark_core.gpu_input.EncodedJpegDataset`.
     """
 
     epochs: int = 1
@@ -184,6 +192,7 @@ class EngineConfig:
     checkpoint_every: int = 1
     sync_batchnorm: bool = True
     cudnn_benchmark: bool = True
+    decoder: str = "cpu"
 
     def __post_init__(self) -> None:
         checks = {
@@ -206,6 +215,7 @@ class EngineConfig:
             raise ValueError(
                 f"optimizer={self.optimizer!r}: allowed values are {', '.join(OPTIMIZERS)}"
             )
+        input_decoder(self.decoder)  # ValueError naming the allowed values
 
 
 @dataclass
@@ -380,6 +390,12 @@ class PretrainEngine:
         global_batch = config.global_batch_size or config.batch_size * self.world_size
         self.peak_lr = peak_lr(config.base_lr, global_batch)
         self.last_epoch_loss: float | None = None
+        self.input_decoder = input_decoder(config.decoder)
+        # Turns a loader batch into the model's input (B, 3, H, W): the stacked images, or
+        # the encoded files decoded and augmented on the device.
+        self.batch_images = self.input_decoder.batch_to_images(
+            self.model.config.input_size, self.device
+        )
 
     def _wrap_ddp(self) -> nn.Module:
         if self.config.sync_batchnorm:
@@ -425,7 +441,8 @@ class PretrainEngine:
     # ------------------------------------------------------------------ data
 
     def build_loader(self, dataset: Dataset) -> DataLoader:
-        """Sharded, epoch-seeded loader: each rank sees its own part of every epoch."""
+        """Sharded, epoch-seeded loader: each rank sees its own part of every epoch; batches
+        are collated as ``config.decoder`` needs them."""
         dataset = SampleSeeded(dataset, self.config.seed)
         sampler = DistributedSampler(
             dataset,
@@ -447,6 +464,7 @@ class PretrainEngine:
             num_workers=self.config.loader_workers,
             drop_last=True,
             pin_memory=self.device.type == "cuda",
+            collate_fn=self.input_decoder.collate_fn,
             generator=torch.Generator(),
             persistent_workers=False,
         )
@@ -551,7 +569,8 @@ class PretrainEngine:
         start = time.perf_counter()
         window = _Window()
         losses: list[torch.Tensor] = []
-        for i, (images, *_) in enumerate(loader):
+        for i, batch in enumerate(loader):
+            images = self.batch_images(batch)
             lr, wd = self._set_schedule(steps)
             loss, grad_norm = self.train_step(images)
             losses.append(loss)

@@ -141,6 +141,12 @@ def test_invalid_specs_are_422_naming_the_fields(alice: httpx.Client) -> None:
     assert alice.get("/v1/jobs").json()["items"] == []  # nothing half-written
 
 
+def test_gpu_decoder_without_gpus_is_422_naming_data_decoder(alice: httpx.Client) -> None:
+    body = assert_problem(submit(alice, {**SPEC, "data": {**SPEC["data"], "decoder": "gpu"}}), 422)
+    assert [e["field"] for e in body["errors"]] == ["spec.data.decoder"]
+    assert "resources.gpus_per_worker" in body["errors"][0]["message"]
+
+
 def test_malformed_json_is_400_and_oversized_bodies_413(alice: httpx.Client) -> None:
     response = alice.post(
         "/v1/jobs",

@@ -28,6 +28,7 @@ from spark_core.engine import (
     param_groups,
     peak_lr,
 )
+from spark_core.gpu_input import INPUT_DECODERS, EncodedBatch
 from spark_core.reference_impl import build_reference_spark
 from spark_core.runtime import autocast_is_native
 
@@ -294,7 +295,32 @@ def test_dataset_smaller_than_a_batch_is_a_clear_error(dataset: ImageFolderDatas
         engine.fit(dataset)
 
 
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_gpu_decoder_trains_on_the_cpu_like_the_reference_pipeline(tmp_path: Path) -> None:
+    """decoder="gpu" with the device augmentation on the CPU device: the loader yields encoded
+    JPEGs, the engine decodes and augments each batch before its step. Every sample gets the
+    crop and flip the reference pipeline gives it, so the losses are decoder="cpu"'s on the
+    same files (up to the JPEG decoders' rounding)."""
+    root = generate_synthetic_dataset(
+        tmp_path / "jpg", num_images=16, image_size=SIZE, num_classes=2, image_format="jpg"
+    )
+    losses = {}
+    for decoder in ("cpu", "gpu"):
+        recorder = Recorder()
+        engine = make_engine([recorder], epochs=1, log_every=1, decoder=decoder)
+        dataset = INPUT_DECODERS[decoder].dataset(root, SIZE)
+        if decoder == "gpu":
+            assert isinstance(next(iter(engine.build_loader(dataset))), EncodedBatch)
+        engine.fit(dataset)
+        losses[decoder] = [step.loss for step in recorder.steps]
+    assert len(losses["gpu"]) == 2 and all(math.isfinite(loss) for loss in losses["gpu"])
+    assert losses["gpu"] == pytest.approx(losses["cpu"], rel=1e-3)
+
+
 def test_bad_engine_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match="decoder='nvjpeg': allowed values are cpu, gpu"):
+        EngineConfig(decoder="nvjpeg")
     with pytest.raises(ValueError, match="precision"):
         EngineConfig(precision="fp8")
     with pytest.raises(ValueError, match="optimizer"):

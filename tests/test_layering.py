@@ -165,12 +165,13 @@ def test_spec_spark_section_defaults_are_the_library_defaults() -> None:
 
 def test_spec_bounds_are_the_library_bounds() -> None:
     from orchestrator import specs
-    from spark_core import model
+    from spark_core import gpu_input, model
 
     assert specs.PATCH_STRIDE == model.PATCH_STRIDE
     assert specs.MAX_HIERARCHY == model.MAX_HIERARCHY
     assert specs.MAX_DECODER_DEPTH == model.MAX_DECODER_DEPTH
     assert specs.DENSIFY_NORMS == model.DENSIFY_NORMS
+    assert tuple(gpu_input.INPUT_DECODERS) == specs.DECODERS
     # Every value the spec accepts, the library accepts, and the first one past each bound
     # is refused by both.
     base = {"optim": {"global_batch_size": 8}, "data": {"train": {"count": 64}}}

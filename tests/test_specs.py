@@ -206,7 +206,7 @@ def test_engine_config_maps_every_field() -> None:
     spec = parse_spec(
         {
             "seed": 7,
-            "data": {"train": {"count": 1024}, "loader_workers": 3},
+            "data": {"train": {"count": 1024}, "loader_workers": 3, "decoder": "gpu"},
             "optim": {
                 "optimizer": "adamw",
                 "base_lr": 1.5e-3,
@@ -222,7 +222,7 @@ def test_engine_config_maps_every_field() -> None:
                 "compile_optimizer": True,
                 "log_every": 4,
             },
-            "resources": {"num_workers": 4},
+            "resources": {"num_workers": 4, "gpus_per_worker": 1},
             "checkpoint": {"every_epochs": 3},
         },
         data_roots=[],
@@ -245,6 +245,7 @@ def test_engine_config_maps_every_field() -> None:
     assert config.seed == 7
     assert config.log_every == 4
     assert config.loader_workers == 3  # data loader workers, not Ray workers
+    assert config.decoder == "gpu"
     assert config.device == "cuda:1"
     assert config.checkpoint_dir == "/ckpt/job"
     assert config.checkpoint_every == 3
@@ -401,6 +402,32 @@ def test_global_batch_not_divisible_by_workers() -> None:
     assert [field for field, _ in errors] == ["optim.global_batch_size"]
     message = error_for(errors, "optim.global_batch_size")
     assert "divisible by resources.num_workers=2" in message
+
+
+def test_decoder_defaults_to_the_reference_cpu_pipeline() -> None:
+    spec = parse_spec(BASE, data_roots=[])
+    assert spec.data.decoder == "cpu"
+    assert spec.engine_config(device="cpu").decoder == "cpu"
+    assert spec.flat_params()["data.decoder"] == "cpu"
+
+
+def test_gpu_decoder_needs_gpus_and_says_how_to_fix() -> None:
+    errors = spec_errors(merged(BASE, {"data": {"decoder": "gpu"}}), data_roots=[])
+    assert [field for field, _ in errors] == ["data.decoder"]
+    message = error_for(errors, "data.decoder")
+    assert "resources.gpus_per_worker is 0" in message
+    assert "resources.gpus_per_worker: 1" in message and "data.decoder: cpu" in message
+    spec = parse_spec(
+        merged(BASE, {"data": {"decoder": "gpu"}, "resources": {"gpus_per_worker": 0.5}}),
+        data_roots=[],
+    )
+    assert spec.data.decoder == "gpu" and spec.derived().use_gpu
+
+
+def test_unknown_decoder_lists_the_choices() -> None:
+    errors = spec_errors(merged(BASE, {"data": {"decoder": "dali"}}), data_roots=[])
+    assert [field for field, _ in errors] == ["data.decoder"]
+    assert "'cpu' or 'gpu'" in errors[0][1]
 
 
 def test_synthetic_count_too_small_for_the_batch() -> None:
@@ -771,7 +798,7 @@ def test_flat_params() -> None:
     # One entry per leaf field, every section present.
     assert {key.split(".")[0] for key in flat} == SECTIONS - {"tags"}
     assert flat["failures.resubmit_on_loss"] == "True"
-    assert len(flat) == 50
+    assert len(flat) == 51
 
 
 def test_json_schema_lists_the_sections() -> None:

@@ -18,11 +18,7 @@ functions below, which run on the workers:
 * the group is destroyed when the worker group stops.
 
 Only ``ray`` and this module load in the controller; a test keeps PyTorch out of both.
-
-:class:`JobTrainer` is the trainer itself: ``DataParallelTrainer`` without the dataset
-manager, an actor Ray Train starts for every run to hand out shards of Ray Data datasets.
-These jobs read their images themselves (a PyTorch ``DataLoader`` per worker), and the
-actor's process cost 3 s of CPU on a 2-core VM, just when the workers import their code.
+The trainer that carries it is :class:`orchestrator.job_trainer.JobTrainer`.
 """
 
 from __future__ import annotations
@@ -39,8 +35,6 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError
 from ray.train.backend import Backend, BackendConfig
-from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -76,17 +70,6 @@ class TorchProcessGroup(BackendConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "timeout_s": self.timeout_s}
-
-
-class JobTrainer(DataParallelTrainer):
-    """Ray Train's data-parallel trainer, less the dataset manager when there are no Ray
-    Data datasets to shard (see the module docstring)."""
-
-    def _create_default_callbacks(self) -> list[Any]:
-        callbacks = super()._create_default_callbacks()
-        if self.datasets:
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
 
 class _TorchProcessGroupBackend(Backend):

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, unship
 from orchestrator.startup import FirstStepMark, StartupClock
-from orchestrator.torch_backend import JobTrainer, TorchProcessGroup
+from orchestrator.torch_backend import TorchProcessGroup
 
 # PyTorch, MLflow (orchestrator.tracking) and the model load inside the functions that use
 # them: the driver imports this module to hand train_worker to Ray Train and must reach
@@ -118,13 +118,15 @@ def build_trainer(
     settings: OrchestratorSettings,
     callbacks: Sequence[Any] = (),
 ) -> Any:
-    """The job's data-parallel PyTorch trainer (``TorchTrainer``'s parts, with the process
-    group and trainer of :mod:`orchestrator.torch_backend`, so that neither this driver nor
-    Ray Train's controller imports PyTorch): named after the job id (running the id again
-    resumes from its latest checkpoint), sized by ``spec.resources``, ``FailureConfig`` from
-    ``spec.failures`` (worker-group restarts resume from the last checkpoint), keeping
-    ``spec.checkpoint.keep`` checkpoints."""
+    """The job's data-parallel PyTorch trainer, a :class:`~orchestrator.job_trainer.JobTrainer`
+    with the process group of :mod:`orchestrator.torch_backend` (``TorchTrainer``'s parts,
+    without PyTorch in this driver or in Ray Train's controller): named after the job id
+    (running the id again resumes from its latest checkpoint), sized by ``spec.resources``,
+    ``FailureConfig`` from ``spec.failures`` (worker-group restarts resume from the last
+    checkpoint), keeping ``spec.checkpoint.keep`` checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+
+    from orchestrator.job_trainer import JobTrainer
 
     resources = spec.resources
     use_gpu = resources.gpus_per_worker > 0

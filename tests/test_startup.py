@@ -128,9 +128,10 @@ def test_ray_trains_controller_does_not_import_torch() -> None:
         "from orchestrator.torch_backend import TorchProcessGroup;"
         "config = pickle.loads(pickle.dumps(TorchProcessGroup.for_devices(use_gpu=True)));"
         "config.backend_cls(); config.train_func_context;"
-        "print(config.backend, 'torch' in sys.modules)"
+        "print(config.backend, 'torch' in sys.modules,"
+        "      'ray.train.v2.api.data_parallel_trainer' in sys.modules)"
     )
-    assert _modules_loaded(probe) == ["nccl", "False"]
+    assert _modules_loaded(probe) == ["nccl", "False", "False"]  # nor the driver's trainer
 
 
 def test_only_rank_0_imports_mlflow() -> None:

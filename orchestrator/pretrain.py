@@ -109,10 +109,11 @@ def _log_final_artifacts(
         encoder = export_encoder(model, Path(folder) / encoder_name)
         log_file(ref, encoder, ENCODER_ARTIFACT_DIR)
         if checkpoint is not None:
+            # One local copy for both (a checkpoint on remote storage is downloaded each time).
             with checkpoint.as_directory() as ckpt_dir:
-                log_file(ref, Path(ckpt_dir) / CHECKPOINT_FILE, CHECKPOINT_ARTIFACT_DIR)
-            with checkpoint.as_directory() as ckpt_dir:
-                state = read_checkpoint(Path(ckpt_dir) / CHECKPOINT_FILE).get("extra", {})
+                path = Path(ckpt_dir) / CHECKPOINT_FILE
+                log_file(ref, path, CHECKPOINT_ARTIFACT_DIR)
+                state = read_checkpoint(path).get("extra", {})
     model_uri = log_model_once(
         ref,
         lambda: encoder_network(spec, model),

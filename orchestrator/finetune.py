@@ -24,7 +24,7 @@ import torch
 
 from orchestrator.cluster import ray_session
 from orchestrator.datasets import finetune_datasets
-from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
+from orchestrator.lifecycle import check_job_id, new_job_id
 from orchestrator.pretrain import JobResult, fit_interruptibly
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import JOB_ID_TAG, FinetuneSpec, ship, unship
@@ -37,12 +37,12 @@ from orchestrator.tracking import (
     RunRef,
     client_for,
     dataset_input,
-    end_run,
     log_datasets,
     log_file,
     log_metrics,
     log_model_once,
     open_job_run,
+    run_ended_by_outcome,
     set_tags,
     system_metrics,
     worker_tags,
@@ -424,15 +424,7 @@ def run_finetune(
         startup.mark("run_opened")
     if on_run_open is not None:
         on_run_open(job_id, ref)
-    status = "FAILED"
-    try:
+    with run_ended_by_outcome(ref):
         datasets = alongside(lambda: _log_data_inputs(spec, ref), "log the datasets")
         with datasets, ray_session(settings):
-            result = _fit_and_finish(spec, job_id, ref, settings, weights, startup)
-        status = "FINISHED"
-        return result
-    except (JobCancelled, KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        end_run(ref, status)
+            return _fit_and_finish(spec, job_id, ref, settings, weights, startup)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.cluster import ray_session
-from orchestrator.lifecycle import JobCancelled, check_job_id, new_job_id
+from orchestrator.lifecycle import check_job_id, new_job_id
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import PretrainSpec, ship
 from orchestrator.startup import StartupClock, alongside
@@ -273,7 +273,7 @@ def run_pretrain(
         # PyTorch imported in each), which this driver spends on opening the MLflow run.
         start = time.perf_counter()
         fit = BackgroundFit(_trainer(spec, job_id, settings, trainer_callbacks, startup))
-        from orchestrator.tracking import end_run, log_metrics, open_job_run
+        from orchestrator.tracking import log_metrics, open_job_run, run_ended_by_outcome
 
         ref, reopened = open_job_run(
             spec,
@@ -285,19 +285,11 @@ def run_pretrain(
         )
         if reopened:
             logger.info("job %s ran before: resuming MLflow run %s", job_id, ref.run_id)
-        status = "FAILED"
-        try:
+        with run_ended_by_outcome(ref):
             if startup is not None:  # rank 0 logs the other marks: its clock left before this
                 startup.mark("run_opened")
                 log_metrics(ref, startup.metrics(["run_opened"]), step=0)
             if on_run_open is not None:
                 on_run_open(job_id, ref)
             with alongside(lambda: _log_data_inputs(spec, ref), "log the datasets"):
-                result = _finish(spec, job_id, ref, settings, fit, start)
-            status = "FINISHED"
-            return result
-        except (JobCancelled, KeyboardInterrupt, SystemExit):
-            status = "KILLED"
-            raise
-        finally:
-            end_run(ref, status)
+                return _finish(spec, job_id, ref, settings, fit, start)

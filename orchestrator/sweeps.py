@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cluster import TRIAL_DRIVER_RESOURCE, ray_session
-from orchestrator.lifecycle import JobCancelled, check_job_id, derived_job_id, new_job_id
+from orchestrator.lifecycle import check_job_id, derived_job_id, new_job_id
 from orchestrator.pretrain import fit_interruptibly, run_pretrain
 from orchestrator.settings import OrchestratorSettings
 from orchestrator.specs import (
@@ -47,12 +47,12 @@ from orchestrator.specs import (
 from orchestrator.tracking import (
     RunRef,
     client_for,
-    end_run,
     find_children,
     log_file,
     log_metrics,
     mark_stopped,
     open_run,
+    run_ended_by_outcome,
 )
 
 logger = logging.getLogger(__name__)
@@ -546,8 +546,7 @@ def run_sweep(
     if on_run_open is not None:
         on_run_open(job_id, ref)
     start = time.perf_counter()
-    status = "FAILED"
-    try:
+    with run_ended_by_outcome(ref, on_unfinished=lambda: _close_orphan_children(ref)):
         with ray_session(settings):
             results = fit_interruptibly(_tuner(sweep, job_id, ref, settings))
         _close_orphan_children(ref)
@@ -557,22 +556,14 @@ def run_sweep(
         check_some_trial_finished(rows)
         best_row = _best(sweep, rows)
         best = _log_best(sweep, ref, best_row) if best_row is not None else None
-        status = "FINISHED"
         return SweepResult(
             job_id,
             ref.run_id,
             ref.experiment_id,
             ref.tracking_uri,
-            status,
+            "FINISHED",
             columns,
             records,
             best,
             time.perf_counter() - start,
         )
-    except (JobCancelled, KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        if status != "FINISHED":
-            _close_orphan_children(ref)
-        end_run(ref, status)

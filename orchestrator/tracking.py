@@ -306,6 +306,29 @@ def end_run(ref: RunRef, status: str) -> None:
         client.set_terminated(ref.run_id, status="KILLED")
 
 
+@contextmanager
+def run_ended_by_outcome(
+    ref: RunRef, on_unfinished: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """End the run as the block ends: FINISHED when it completes, KILLED when a cancel
+    (:class:`~orchestrator.lifecycle.JobCancelled`, Ctrl-C, ``SystemExit``) leaves it,
+    FAILED on any other error, which is re-raised like the cancel. ``on_unfinished`` runs
+    first when the block did not complete (a sweep closes its trials' runs)."""
+    from orchestrator.lifecycle import JobCancelled
+
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except (JobCancelled, KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        if status != "FINISHED" and on_unfinished is not None:
+            on_unfinished()
+        end_run(ref, status)
+
+
 def mark_stopped(client: MlflowClient, run_id: str, reason: str) -> None:
     """End a run KILLED from outside its job (e.g. the trial a scheduler stopped); see
     :func:`end_run` for why the tag goes first."""

@@ -25,6 +25,7 @@ from orchestrator.tracking import (
     mark_stopped,
     open_job_run,
     open_run,
+    run_ended_by_outcome,
 )
 
 SPEC = {
@@ -125,6 +126,29 @@ def test_rank_0_finds_the_run_its_driver_opens_meanwhile(settings: OrchestratorS
     assert locate_run({**asdict(found), "tracking_uri": "unused://"}).run_id == found.run_id
     with pytest.raises(RunNotFoundError, match=r"no MLflow run of job job-never .* after 1 s"):
         locate_run({**shipped, "job_id": "job-never"}, timeout_s=1)
+
+
+def test_the_block_s_outcome_ends_the_run(settings: OrchestratorSettings) -> None:
+    from orchestrator.lifecycle import JobCancelled
+
+    closed: list[str] = []
+    ref, _ = _open(settings, "job-completes")
+    with run_ended_by_outcome(ref, on_unfinished=lambda: closed.append("completes")):
+        pass
+    assert _status(ref) == "FINISHED" and closed == []
+    for job_id, error, status in (
+        ("job-cancelled", JobCancelled("stop"), "KILLED"),
+        ("job-interrupted", KeyboardInterrupt(), "KILLED"),
+        ("job-fails", RuntimeError("boom"), "FAILED"),
+    ):
+        ref, _ = _open(settings, job_id)
+        with (
+            pytest.raises(type(error)),
+            run_ended_by_outcome(ref, on_unfinished=lambda job_id=job_id: closed.append(job_id)),
+        ):
+            raise error
+        assert _status(ref) == status, job_id
+    assert closed == ["job-cancelled", "job-interrupted", "job-fails"]
 
 
 def _tags(ref) -> dict[str, str]:

@@ -33,6 +33,7 @@ import uvicorn
 from api.app import create_app
 from api.auth import TokenRegistry, issue_token
 from orchestrator.cluster import LOOPBACK, init_local_cluster
+from orchestrator.control.scheduler import driver_env
 from orchestrator.processes import (
     descendants,
     describe,
@@ -77,10 +78,11 @@ def dashboard_port(settings: OrchestratorSettings) -> int:
 
 
 def start_ray(settings: OrchestratorSettings) -> str:
-    """A local Ray head owned by this process; returns its dashboard URL."""
+    """A local Ray head owned by this process, whose processes carry what job drivers need
+    (:func:`~orchestrator.control.scheduler.driver_env`); returns its dashboard URL."""
     port = dashboard_port(settings)
     try:
-        return init_local_cluster(settings, dashboard_port=port)
+        return init_local_cluster(settings, dashboard_port=port, node_env=driver_env(settings))
     except ValueError as error:  # Ray's "Failed to bind ... already occupied"
         taken = bind_error(LOOPBACK, port)
         if taken is None:
@@ -243,8 +245,14 @@ def run_stack(settings: OrchestratorSettings, submit: bool, stop: threading.Even
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         ui_url = f"http://{LOOPBACK}:{settings.mlflow_ui_port}"
+        # The cluster's processes carry the drivers' settings (start_ray): jobs go to Ray
+        # without a runtime_env.
         settings = settings.model_copy(
-            update={"ray_dashboard_url": dashboard, "mlflow_ui_url": ui_url}
+            update={
+                "ray_dashboard_url": dashboard,
+                "mlflow_ui_url": ui_url,
+                "forward_driver_env": False,
+            }
         )
         token = local_token(settings)
         server = serve_api(settings)

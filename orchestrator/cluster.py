@@ -15,7 +15,7 @@ import secrets
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,7 +86,11 @@ def refresh_ray_auth_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | None = None) -> str:
+def init_local_cluster(
+    settings: OrchestratorSettings,
+    dashboard_port: int | None = None,
+    node_env: Mapping[str, str] | None = None,
+) -> str:
     """Start a Ray cluster owned by this process, reachable from this machine only.
 
     Returns its dashboard URL. The dashboard hosts the state API that Ray Train's clean-up
@@ -100,6 +104,12 @@ def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | Non
     machine has no node that could be drained, and on 2 cores the watcher's extra process
     starts just when the workers import their code, delaying a job's first step. This
     process and every Ray process it starts (Ray Jobs drivers included) inherit the setting.
+
+    ``node_env`` is set in the environment of the cluster's processes, and so of every
+    worker and Ray Jobs driver they start (this process's environment is left as it was):
+    the way a cluster's nodes carry the service's settings without a per-job
+    ``runtime_env``, whose every worker process starts twice (Ray's ``setup_worker`` imports
+    Ray, then execs the worker, which imports it again).
     """
     import ray
 
@@ -107,7 +117,7 @@ def init_local_cluster(settings: OrchestratorSettings, dashboard_port: int | Non
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     port = {} if dashboard_port is None else {"dashboard_port": dashboard_port}
     temp_dir = tempfile.mkdtemp(prefix="sparkorch-ray-")
-    with loopback_node_ip(), process_logging_kept():
+    with loopback_node_ip(), environment_set(node_env or {}), process_logging_kept():
         context = ray.init(
             address="local",
             num_cpus=settings.ray_num_cpus,
@@ -148,6 +158,22 @@ def process_logging_kept() -> Iterator[None]:
 
 
 @contextmanager
+def environment_set(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in this process's environment for the block (processes started in it
+    inherit them), then the environment as it was."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def loopback_node_ip() -> Iterator[None]:
     """Make the Ray node started in this block use 127.0.0.1 as its address.
 
@@ -162,18 +188,13 @@ def loopback_node_ip() -> Iterator[None]:
     """
     from ray._private import ray_constants
 
-    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[name] = "0"
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield
+        with environment_set({ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
+            yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved_env
 
 
 @contextmanager

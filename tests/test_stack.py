@@ -68,6 +68,17 @@ def started_by(stack: subprocess.Popen, env: dict[str, str]) -> set[int]:
     return (found | descendants(stack.pid)) - {stack.pid}
 
 
+def wait_for_first_step(api: str, headers: dict[str, str], job_id: str) -> int:
+    """The job's first logged training step, as its progress shows it."""
+    deadline = time.monotonic() + 180
+    while True:
+        progress = httpx.get(f"{api}/v1/jobs/{job_id}/progress", headers=headers, timeout=30)
+        if progress.status_code == 200 and progress.json().get("step"):
+            return progress.json()["step"]
+        assert time.monotonic() < deadline, f"no training step in 180 s: {progress.text}"
+        time.sleep(1)
+
+
 def wait_for_job_on_ray(api: str, headers: dict[str, str], job_id: str) -> dict:
     """The job once the service has submitted it to Ray (the reconciler does, within seconds)."""
     deadline = time.monotonic() + 60
@@ -107,6 +118,11 @@ def test_make_run_stack_starts_submits_and_stops_cleanly(tmp_path: Path) -> None
         assert ray_job.status_code == 200, ray_job.text
         assert ray_job.json()["submission_id"] == job_id
         assert "jobs.pretrain" in ray_job.json()["entrypoint"]
+        # The stack's Ray processes carry the drivers' settings: nothing travels with the job
+        # (a runtime_env would start every worker process twice), and yet the driver and
+        # rank 0 find the job store and MLflow: the job trains.
+        assert not (ray_job.json().get("runtime_env") or {}).get("env_vars"), ray_job.json()
+        assert wait_for_first_step(api, headers, job_id) >= 1
 
         deadline = time.monotonic() + 60
         while httpx.get(f"{api}/readyz", timeout=30).status_code != 200:

@@ -78,6 +78,29 @@ def _nth_submission_id(job_id: str, n: int) -> str:
     return job_id if n <= 1 else f"{job_id}-{n}"
 
 
+def driver_env(settings: OrchestratorSettings) -> dict[str, str]:
+    """What a job driver needs to find the service's store, MLflow and data roots: sent
+    with each job (``forward_driver_env``), or carried by the Ray nodes' own environment
+    (the embedded stack's cluster, the compose deployment)."""
+    s = settings
+    env = {
+        "SPARKORCH_HOME": str(s.home),
+        "SPARKORCH_DATABASE_URL": s.job_store_url,
+        "MLFLOW_TRACKING_URI": s.tracking_uri,
+        "SPARKORCH_DATA_ROOTS": ":".join(str(p) for p in s.allowed_data_roots),
+        "SPARKORCH_MLFLOW_EXPERIMENT": s.mlflow_experiment,
+        "RAY_AUTH_MODE": "token",
+        # Ray's supervisor waits this long after SIGTERM before SIGKILL (default 3 s): long
+        # enough for a cancelled driver to end its MLflow run KILLED on a busy node.
+        "RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S),
+    }
+    if s.ray_storage:
+        env["SPARKORCH_RAY_STORAGE"] = s.ray_storage
+    if s.ray_auth_token_path:
+        env["RAY_AUTH_TOKEN_PATH"] = str(s.token_path)
+    return env
+
+
 def submission_id(job: Job) -> str:
     """The Ray submission id of the job's latest submission (the job id, then ``<id>-<n>``)."""
     return _nth_submission_id(job.id, job.submissions)
@@ -136,35 +159,13 @@ class RayJobs:
         module = get_kind(job.kind).entrypoint_module
         return shlex.join([python, "-m", module, "--job-id", job.id])
 
-    def driver_env(self) -> dict[str, str]:
-        """What the job driver needs to find the same store, MLflow and data roots."""
-        s = self.settings
-        if not s.forward_driver_env:
-            return {}
-        env = {
-            "SPARKORCH_HOME": str(s.home),
-            "SPARKORCH_DATABASE_URL": s.job_store_url,
-            "MLFLOW_TRACKING_URI": s.tracking_uri,
-            "SPARKORCH_DATA_ROOTS": ":".join(str(p) for p in s.allowed_data_roots),
-            "SPARKORCH_MLFLOW_EXPERIMENT": s.mlflow_experiment,
-            "RAY_AUTH_MODE": "token",
-            # Ray's supervisor waits this long after SIGTERM before SIGKILL (default 3 s):
-            # long enough for a cancelled driver to end its MLflow run KILLED on a busy node.
-            "RAY_JOB_STOP_WAIT_TIME_S": str(JOB_STOP_WAIT_S),
-        }
-        if s.ray_storage:
-            env["SPARKORCH_RAY_STORAGE"] = s.ray_storage
-        if s.ray_auth_token_path:
-            env["RAY_AUTH_TOKEN_PATH"] = str(s.token_path)
-        return env
-
     def submit(self, job: Job) -> None:
         """Submit ``job`` as its latest submission (``job.submissions`` already counts it)."""
         self._call(
             "submit_job",
             entrypoint=self.entrypoint(job),
             submission_id=submission_id(job),
-            runtime_env={"env_vars": self.driver_env()}
+            runtime_env={"env_vars": driver_env(self.settings)}
             if self.settings.forward_driver_env
             else None,
             metadata={"owner": job.owner, "kind": job.kind, "name": job.name},

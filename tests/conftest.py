@@ -133,6 +133,14 @@ class RayTestCluster:
         }
 
 
+def actor_count(class_name: str) -> int:
+    """How many actors of ``class_name`` the cluster has seen."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", class_name)]
+    return len(list_actors(filters=filters, limit=10_000, raise_on_missing_output=False))
+
+
 def checkpoint_registered(cluster: RayTestCluster, job_id: str) -> bool:
     """Ray Train's controller has recorded at least one checkpoint of the job (the snapshot
     it restores from), not merely a worker having written one."""

@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 import yaml
-from conftest import RayTestCluster, checkpoint_registered
+from conftest import RayTestCluster, actor_count, checkpoint_registered
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -104,6 +104,7 @@ def test_two_worker_job_learns_and_leaves_a_complete_mlflow_record(
         tags={"purpose": "test"},
         tracking={"register_model": True},
     )
+    cleaners = actor_count("PlacementGroupCleaner")
     result = run_pretrain(spec, job_id="happy-path", settings=ray_cluster.settings)
     assert result.status == "FINISHED"
     assert result.epochs == 3 and result.steps == 3 * 4  # 72 pre-training images / 16
@@ -131,9 +132,11 @@ def test_two_worker_job_learns_and_leaves_a_complete_mlflow_record(
     for key in ("train/lr", "train/weight_decay", "train/grad_norm", "train/images_per_sec"):
         assert len(mlflow_client.get_metric_history(result.run_id, key)) == 12, key
     assert 0.0 <= run.data.metrics["eval/knn_top1"] <= 100.0
-    # Ray Train started what the job needs: no dataset manager (the job reads its own files).
+    # Ray Train started what the job needs: no dataset manager (the job reads its own files),
+    # no placement-group cleaner (the job's end frees its placement group).
     assert _actor_classes() >= {"TrainController", "RayTrainWorker"}
     assert "DatasetManager" not in _actor_classes()
+    assert actor_count("PlacementGroupCleaner") == cleaners
 
     artifacts = {a.path for a in mlflow_client.list_artifacts(result.run_id)}
     assert {"spec", "encoder", "checkpoint", "images"} <= artifacts

@@ -9,7 +9,7 @@ from typing import Any
 import mlflow
 import pytest
 import torch
-from conftest import RayTestCluster
+from conftest import RayTestCluster, actor_count
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -153,9 +153,13 @@ def test_grid_sweep_gives_nested_runs_a_table_and_a_plot(
         },
         data_roots=ray_cluster.settings.allowed_data_roots,
     )
+    cleaners = actor_count("PlacementGroupCleaner")
     result = run_sweep(sweep, job_id="sweep-grid", settings=ray_cluster.settings)
     assert result.status == "FINISHED"
     assert len(result.records) == 4
+    # Trials build their trainers in Tune's actors, which the sweep's job outlives: each
+    # keeps Ray Train's placement-group cleaner.
+    assert actor_count("PlacementGroupCleaner") == cleaners + 4
     assert {(r["spark.mask_ratio"], r["spark.decoder_depth"]) for r in result.records} == {
         (0.4, 1),
         (0.4, 2),

@@ -68,6 +68,16 @@ def started_by(stack: subprocess.Popen, env: dict[str, str]) -> set[int]:
     return (found | descendants(stack.pid)) - {stack.pid}
 
 
+def command_line(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def environment(pid: int) -> dict[str, str]:
+    """A process's environment, as it started."""
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
+
+
 def wait_for_first_step(api: str, headers: dict[str, str], job_id: str) -> int:
     """The job's first logged training step, as its progress shows it."""
     deadline = time.monotonic() + 180
@@ -131,6 +141,10 @@ def test_make_run_stack_starts_submits_and_stops_cleanly(tmp_path: Path) -> None
         assert httpx.get(f"http://127.0.0.1:{ui_port}/", timeout=30).status_code == 200
         children = started_by(stack, env)
         assert children, "the stack started no processes?"
+        # Its Ray carries the drivers' settings; its jobs track through its MLflow server.
+        raylet = environment(next(p for p in children if b"raylet" in command_line(p)[:200]))
+        assert raylet["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ui_port}"
+        assert raylet["SPARKORCH_DATABASE_URL"] == f"sqlite:///{home / 'jobs.db'}"
     finally:
         stack.send_signal(signal.SIGINT)
         try:

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from conftest import free_port
 
@@ -66,16 +67,6 @@ def started_by(stack: subprocess.Popen, env: dict[str, str]) -> set[int]:
     """The live processes the stack started: its tree, and whatever carries the test marker."""
     found = {proc.pid for proc in marked(TEST_MARKER, env[TEST_MARKER])}
     return (found | descendants(stack.pid)) - {stack.pid}
-
-
-def command_line(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
-def environment(pid: int) -> dict[str, str]:
-    """A process's environment, as it started."""
-    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return dict(e.decode().split("=", 1) for e in entries if b"=" in e)
 
 
 def wait_for_first_step(api: str, headers: dict[str, str], job_id: str) -> int:
@@ -142,7 +133,9 @@ def test_make_run_stack_starts_submits_and_stops_cleanly(tmp_path: Path) -> None
         children = started_by(stack, env)
         assert children, "the stack started no processes?"
         # Its Ray carries the drivers' settings; its jobs track through its MLflow server.
-        raylet = environment(next(p for p in children if b"raylet" in command_line(p)[:200]))
+        raylet = next(
+            p for p in psutil.process_iter(["name"]) if p.pid in children and p.name() == "raylet"
+        ).environ()
         assert raylet["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ui_port}"
         assert raylet["SPARKORCH_DATABASE_URL"] == f"sqlite:///{home / 'jobs.db'}"
     finally:
